@@ -1,0 +1,274 @@
+"""The catalog: one SQLite database (WAL) per host with VMs, snapshots, their disk layers and
+replication targets.
+
+A snapshot row and its layer rows are written in one transaction, after the files they name are
+durable; so a row never names a file that is not there. The schema version is SQLite's
+`user_version`; `MIGRATIONS[i]` takes a catalog from version i to i + 1.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import NotFoundError, StateError
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE vms (
+        uuid        TEXT PRIMARY KEY,
+        name        TEXT NOT NULL
+    );
+    CREATE INDEX vms_name ON vms(name);
+    CREATE TABLE snapshots (
+        id          TEXT PRIMARY KEY,
+        vm_uuid     TEXT NOT NULL REFERENCES vms(uuid),
+        name        TEXT NOT NULL,
+        parent      TEXT,
+        created_ns  INTEGER NOT NULL,
+        generation  INTEGER NOT NULL,
+        origin      TEXT NOT NULL CHECK (origin IN ('local', 'received')),
+        definition  TEXT NOT NULL DEFAULT '',
+        UNIQUE (vm_uuid, name)
+    );
+    CREATE INDEX snapshots_age ON snapshots(vm_uuid, generation, created_ns);
+    CREATE TABLE layers (
+        snapshot_id  TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+        target       TEXT NOT NULL,
+        image        TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        PRIMARY KEY (snapshot_id, target)
+    );
+    CREATE TABLE targets (
+        vm_uuid      TEXT NOT NULL REFERENCES vms(uuid),
+        host         TEXT NOT NULL,
+        anchor       TEXT REFERENCES snapshots(id),
+        last_result  TEXT NOT NULL DEFAULT '',
+        last_run_ns  INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (vm_uuid, host)
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One disk of a snapshot: `image` reads (through its backing chain) as that disk then."""
+
+    target: str
+    image: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    vm_uuid: str
+    vm_name: str
+    name: str
+    parent: str | None
+    created_ns: int
+    generation: int
+    origin: str
+    disks: tuple[Layer, ...] = field(default=())
+    definition: str = ""
+
+    def disk(self, target: str) -> Layer:
+        for layer in self.disks:
+            if layer.target == target:
+                return layer
+        raise NotFoundError(f"snapshot {self.name} has no disk {target!r}",
+                            hint=f"its disks are {', '.join(d.target for d in self.disks) or 'none'}")
+
+    def as_json(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "vm": self.vm_name,
+            "vm_uuid": self.vm_uuid,
+            "parent": self.parent,
+            "created_ns": self.created_ns,
+            "generation": self.generation,
+            "disks": [{"target": d.target, "image": d.image, "virtual_size": d.virtual_size} for d in self.disks],
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    vm_uuid: str
+    host: str
+    anchor: str | None
+    last_result: str
+    last_run_ns: int
+
+
+class Catalog:
+    """Access to STATE/catalog.sqlite; use as a context manager."""
+
+    FILENAME = "catalog.sqlite"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / self.FILENAME
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as err:
+            raise StateError(f"cannot open catalog {self.path}: {err}",
+                             hint="check the state dir, or restore the catalog from a copy") from err
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(
+                f"catalog {self.path} has schema version {version}, newer than this vmrepl knows ({SCHEMA_VERSION})",
+                hint="upgrade vmrepl",
+            )
+        for target in range(version, SCHEMA_VERSION):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(MIGRATIONS[target]):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version={target + 1}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    # --- VMs -------------------------------------------------------------------------------
+
+    def upsert_vm(self, uuid: str, name: str) -> None:
+        self.db.execute(
+            "INSERT INTO vms(uuid, name) VALUES (?, ?) ON CONFLICT(uuid) DO UPDATE SET name = excluded.name",
+            (uuid, name),
+        )
+
+    def vm_uuid(self, name_or_uuid: str) -> str | None:
+        row = self.db.execute(
+            "SELECT uuid FROM vms WHERE uuid = ? OR name = ? ORDER BY uuid = ? DESC LIMIT 1",
+            (name_or_uuid, name_or_uuid, name_or_uuid),
+        ).fetchone()
+        return row[0] if row else None
+
+    def vms(self) -> list[tuple[str, str]]:
+        return list(self.db.execute("SELECT uuid, name FROM vms ORDER BY name"))
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def add_snapshot(self, snap: Snapshot) -> None:
+        """Record a snapshot and its layers in one transaction (the files must already be durable)."""
+        with self.transaction():
+            self.upsert_vm(snap.vm_uuid, snap.vm_name)
+            self.db.execute(
+                "INSERT INTO snapshots(id, vm_uuid, name, parent, created_ns, generation, origin, definition)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (snap.id, snap.vm_uuid, snap.name, snap.parent, snap.created_ns, snap.generation, snap.origin,
+                 snap.definition),
+            )
+            self.db.executemany(
+                "INSERT INTO layers(snapshot_id, target, image, virtual_size) VALUES (?, ?, ?, ?)",
+                [(snap.id, d.target, d.image, d.virtual_size) for d in snap.disks],
+            )
+
+    def snapshots(self, vm_uuid: str) -> list[Snapshot]:
+        """The VM's snapshots held here, oldest first (by generation, then creation time)."""
+        rows = self.db.execute(
+            "SELECT s.id FROM snapshots s WHERE s.vm_uuid = ? ORDER BY s.generation, s.created_ns", (vm_uuid,)
+        ).fetchall()
+        return [self._load(r[0]) for r in rows]
+
+    def snapshot(self, vm_uuid: str, ref: str) -> Snapshot:
+        """A snapshot of the VM by id, unique id prefix, or name."""
+        rows = self.db.execute(
+            "SELECT id FROM snapshots WHERE vm_uuid = ? AND (id = ? OR name = ? OR id LIKE ? || '%')"
+            " ORDER BY id = ? DESC, name = ? DESC",
+            (vm_uuid, ref, ref, ref.replace("%", "").replace("_", ""), ref, ref),
+        ).fetchall()
+        if not rows:
+            raise NotFoundError(f"no snapshot {ref!r} of this VM here", hint="see `vmrepl list VM`")
+        return self._load(rows[0][0])
+
+    def find_snapshot(self, snapshot_id: str) -> Snapshot | None:
+        row = self.db.execute("SELECT id FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+        return self._load(row[0]) if row else None
+
+    def next_generation(self, vm_uuid: str) -> int:
+        row = self.db.execute("SELECT MAX(generation) FROM snapshots WHERE vm_uuid = ?", (vm_uuid,)).fetchone()
+        return (row[0] or 0) + 1
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self.transaction():
+            self.db.execute("UPDATE snapshots SET parent = (SELECT parent FROM snapshots WHERE id = ?)"
+                            " WHERE parent = ?", (snapshot_id, snapshot_id))
+            self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+    def _load(self, snapshot_id: str) -> Snapshot:
+        row = self.db.execute(
+            "SELECT s.id, s.vm_uuid, v.name, s.name, s.parent, s.created_ns, s.generation, s.origin, s.definition"
+            " FROM snapshots s JOIN vms v ON v.uuid = s.vm_uuid WHERE s.id = ?",
+            (snapshot_id,),
+        ).fetchone()
+        disks = tuple(
+            Layer(*r)
+            for r in self.db.execute(
+                "SELECT target, image, virtual_size FROM layers WHERE snapshot_id = ? ORDER BY target", (snapshot_id,)
+            )
+        )
+        return Snapshot(*row[:8], disks=disks, definition=row[8])
+
+    # --- targets -------------------------------------------------------------------------------
+
+    def targets(self, vm_uuid: str | None = None) -> list[Target]:
+        if vm_uuid is None:
+            rows = self.db.execute("SELECT vm_uuid, host, anchor, last_result, last_run_ns FROM targets")
+        else:
+            rows = self.db.execute(
+                "SELECT vm_uuid, host, anchor, last_result, last_run_ns FROM targets WHERE vm_uuid = ?", (vm_uuid,)
+            )
+        return [Target(*r) for r in rows]
+
+    def record_target(self, vm_uuid: str, host: str, *, anchor: str | None, result: str, run_ns: int) -> None:
+        self.db.execute(
+            "INSERT INTO targets(vm_uuid, host, anchor, last_result, last_run_ns) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(vm_uuid, host) DO UPDATE SET anchor = COALESCE(excluded.anchor, anchor),"
+            " last_result = excluded.last_result, last_run_ns = excluded.last_run_ns",
+            (vm_uuid, host, anchor, result, run_ns),
+        )
+
+    def anchors(self, vm_uuid: str) -> set[str]:
+        return {r[0] for r in self.db.execute(
+            "SELECT anchor FROM targets WHERE vm_uuid = ? AND anchor IS NOT NULL", (vm_uuid,))}
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _statements(script: str) -> Iterator[str]:
+    for part in script.split(";"):
+        if part.strip():
+            yield part

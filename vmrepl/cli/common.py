@@ -1,0 +1,84 @@
+"""What every command shares: the global options, the state dir and catalog, output as text or JSON."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..catalog import Catalog
+from ..state import resolve_state_dir
+
+DEFAULT_CONNECT = "qemu:///system"
+
+
+@dataclass
+class Env:
+    """The global options, whether given before or after the command name."""
+
+    json: bool = False
+    state_dir_option: str | None = None
+    connect: str = DEFAULT_CONNECT
+    debug: bool = False
+
+    @functools.cached_property
+    def state_dir(self) -> Path:
+        return resolve_state_dir(self.state_dir_option)
+
+    def catalog(self) -> Catalog:
+        return Catalog(self.state_dir)
+
+    def emit(self, document: Any, text: str | Callable[[], str]) -> None:
+        """Print `document` as JSON with --json, else the human text."""
+        if self.json:
+            json.dump(document, sys.stdout, indent=2, sort_keys=False)
+            sys.stdout.write("\n")
+        else:
+            out = text() if callable(text) else text
+            if out:
+                click.echo(out)
+
+
+def _setter(attribute: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def store(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        if value is not None and value is not False:
+            setattr(ctx.ensure_object(Env), attribute, value)
+
+    return store
+
+
+def global_options(*, connect: bool = False) -> Callable[[Callable], Callable]:
+    """Add --json, --state-dir, --debug (and --connect for libvirt commands) to a command or group."""
+
+    def decorate(f: Callable) -> Callable:
+        options = [
+            click.option("--json", "json_", is_flag=True, expose_value=False, callback=_setter("json"),
+                         help="Print one JSON document on stdout."),
+            click.option("--state-dir", type=str, expose_value=False, callback=_setter("state_dir_option"),
+                         help="State directory (default $VMREPL_STATE_DIR or /var/lib/vmrepl)."),
+            click.option("--debug", is_flag=True, expose_value=False, callback=_setter("debug"),
+                         help="Show tracebacks and debug logging."),
+        ]
+        if connect:
+            options.append(click.option("--connect", "-c", type=str, expose_value=False, callback=_setter("connect"),
+                                        help=f"libvirt URI (default {DEFAULT_CONNECT})."))
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+pass_env = click.make_pass_decorator(Env, ensure=True)
+
+
+def format_table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)

@@ -1,0 +1,82 @@
+"""The state directory: where the catalog, locks and (on a destination) layer chains live.
+
+Layout (docs/FORMAT.md has the details)::
+
+    STATE/catalog.sqlite        the catalog (SQLite, WAL)
+    STATE/locks/VM_UUID.lock    one flock per VM: one vmrepl run per VM at a time
+    STATE/hooks/                user hooks run around snapshots (pre-snapshot, post-snapshot)
+    STATE/vms/VM_UUID/          destination side: domain definitions and one layer chain per disk
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import LockedError, StateError
+
+DEFAULT_STATE_DIR = "/var/lib/vmrepl"
+
+
+def resolve_state_dir(option: str | None) -> Path:
+    """The state dir from the option, else $VMREPL_STATE_DIR, else the default; created if absent."""
+    path = Path(option or os.environ.get("VMREPL_STATE_DIR") or DEFAULT_STATE_DIR)
+    if path.exists() and not path.is_dir():
+        raise StateError(f"state dir {path} is not a directory", hint="pass --state-dir DIR")
+    try:
+        path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as err:
+        raise StateError(f"cannot create state dir {path}: {err.strerror}", hint="pass --state-dir DIR") from err
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise StateError(f"state dir {path} is not readable and writable", hint="fix its permissions or pass --state-dir DIR")
+    return path
+
+
+@contextlib.contextmanager
+def vm_lock(state_dir: Path, vm_uuid: str, *, wait_seconds: float = 0.0) -> Iterator[None]:
+    """Hold the VM's lock for the block; a second run on the same VM waits up to `wait_seconds`."""
+    locks = state_dir / "locks"
+    locks.mkdir(exist_ok=True)
+    fd = os.open(locks / f"{vm_uuid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LockedError(
+                        "another vmrepl run is working on this VM", hint="wait for it to finish, then retry"
+                    ) from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename over `path`, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
