@@ -1,0 +1,44 @@
+"""The test bed: a second SSH "host" in a network namespace (`host`), throwaway no-OS VMs under
+libvirt (`vm`) and the demo (`demo`). Used by tests/conftest.py, scripts/demo and by hand.
+
+Everything it creates lives under RUN_DIR (`run/` in the checkout, gitignored) in directories of
+mode 0755, so that the libvirt-qemu user can reach VM images there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / "run"
+VMREPL = ROOT / ".venv" / "bin" / "vmrepl"
+
+
+def public_dir(path: Path) -> Path:
+    """Create `path` and its missing parents with mode 0755 (umask-proof) and return it."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(exist_ok=True)
+        p.chmod(0o755)
+    return path
+
+
+def run(argv: Sequence[str | os.PathLike], *, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command capturing text output; on failure raise with its stderr in the message."""
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,320 @@
+"""A second "host" on this machine: a network namespace with its own sshd, reached over a veth pair.
+
+    root namespace (the source)  vmrepl-s0 10.213.0.1/30  <-->  vmrepl-d0 10.213.0.2/30  netns vmrepl-dst
+
+Files, all under run/hosts/ (mode 0755 dirs)::
+
+    dst/sshd/          sshd_config, host key, pid file, log, authorized_keys
+    dst/state/         the destination's vmrepl state dir (VMREPL_STATE_DIR of every ssh session)
+    src/state/         the source's vmrepl state dir
+    src/id_ed25519     the replication user's key (root on the destination)
+    src/known_hosts    the destination's pinned host key, for strict host-key checking
+    src/keys/NAME      further identities, e.g. one whose authorized_keys line forces a command
+
+`start()` is idempotent and rebuilds whatever a killed run left half-there (netns, veth, sshd pid);
+`stop()` ends sshd by its PID and removes the namespace. Processes run in the namespace through
+`ns_argv()`; a later own libvirtd will need a mount namespace with a private /run as well, which
+belongs there. CLI: `python -m testbed.host start|stop|env`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import ROOT, RUN_DIR, pid_alive, public_dir, run
+
+DEFAULT_NETNS = "vmrepl-dst"
+SOURCE_ADDRESS = "10.213.0.1"
+ADDRESS = "10.213.0.2"
+PREFIX_LEN = 30
+VETH_SOURCE = "vmrepl-s0"
+VETH_DEST = "vmrepl-d0"
+USER = "root"
+
+
+class SecondHost:
+    def __init__(self, netns: str = DEFAULT_NETNS, base: Path = RUN_DIR / "hosts") -> None:
+        self.netns = netns
+        self.base = base
+        self.address = ADDRESS
+        self.port = 22
+        self.user = USER
+        sshd = base / "dst" / "sshd"
+        self.sshd_dir = sshd
+        self.sshd_config = sshd / "sshd_config"
+        self.host_key = sshd / "ssh_host_ed25519_key"
+        self.pid_file = sshd / "sshd.pid"
+        self.log_file = sshd / "sshd.log"
+        self.authorized_keys = sshd / "authorized_keys"
+        self.dst_state = base / "dst" / "state"
+        self.src_state = base / "src" / "state"
+        self.identity = base / "src" / "id_ed25519"
+        self.known_hosts = base / "src" / "known_hosts"
+        self.keys_dir = base / "src" / "keys"
+        self._lock_fd: int | None = None
+
+    @property
+    def destination(self) -> str:
+        """`USER@HOST` as `vmrepl replicate --to` takes it."""
+        return f"{self.user}@{self.address}"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> SecondHost:
+        """Bring the host up, reusing a healthy one and rebuilding a broken one; returns self."""
+        with self._lock():
+            if self.running():
+                return self
+            self._teardown()
+            self._prepare_files()
+            self._network()
+            self._start_sshd()
+        return self
+
+    def stop(self) -> None:
+        """End sshd by its PID and remove the namespace (keys and state dirs stay)."""
+        with self._lock():
+            self._teardown()
+
+    def running(self) -> bool:
+        """sshd of this host alive in its namespace and the source side of the veth configured."""
+        pid = self.sshd_pid()
+        if pid is None or not self._netns_exists():
+            return False
+        addresses = run(["ip", "-o", "addr", "show", "dev", VETH_SOURCE], check=False).stdout
+        return f"{SOURCE_ADDRESS}/{PREFIX_LEN}" in addresses and _reachable(self.address, self.port, 1.0)
+
+    def sshd_pid(self) -> int | None:
+        """PID of this host's sshd, if its pid file names a live sshd started with our config."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        # sshd rewrites its argv into one title string that still holds the config path.
+        return pid if str(self.sshd_config).encode() in cmdline else None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[SecondHost]:
+        """Use the host for a block (a test session): started if needed, stopped at the end unless
+        another session (another pytest run in this checkout) still holds it."""
+        public_dir(self.base)
+        users = self.base / "users.lock"
+        fd = os.open(users, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self.start()
+            yield self
+        finally:
+            os.close(fd)
+        fd = os.open(users, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return
+        try:
+            self.stop()
+        finally:
+            os.close(fd)
+
+    # --- access ---------------------------------------------------------------------------------
+
+    def ns_argv(self, *argv: str) -> list[str]:
+        """A command line that runs `argv` inside the host's namespace."""
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+    def ssh_argv(self, *remote: str, identity: Path | None = None, known_hosts: Path | None = None) -> list[str]:
+        """An OpenSSH command line to the host with strict host-key checking and no prompts."""
+        return ["ssh", "-i", str(identity or self.identity), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts or self.known_hosts}",
+                "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", "-p", str(self.port),
+                self.destination, *remote]
+
+    def new_identity(self, name: str, *, command: str | None = None) -> Path:
+        """A further key pair `src/keys/NAME` authorized on the host; with `command`, its line is
+        `command="...",restrict` so sshd runs only that. Returns the private key's path."""
+        key = public_dir(self.keys_dir) / name
+        if not key.exists():
+            _keygen(key)
+        self.authorize(key.with_suffix(".pub"), command=command)
+        return key
+
+    def authorize(self, public_key: Path, *, command: str | None = None) -> str:
+        """Set the authorized_keys line of `public_key` (replacing its previous one); returns the line."""
+        kind, blob = public_key.read_text().split()[:2]
+        line = f"{kind} {blob}"
+        if command is not None:
+            line = 'command="{}",restrict {}'.format(command.replace('"', '\\"'), line)
+        with self._lock():
+            old = self.authorized_keys.read_text().splitlines() if self.authorized_keys.exists() else []
+            kept = [entry for entry in old if blob not in entry.split()]
+            _write_atomically(self.authorized_keys, "".join(f"{entry}\n" for entry in [*kept, line]))
+        return line
+
+    def env(self) -> dict[str, str]:
+        """The environment a shell (or a test) uses to reach the host with vmrepl."""
+        return {
+            "VMREPL_DST": self.destination,
+            "VMREPL_IDENTITY": str(self.identity),
+            "VMREPL_KNOWN_HOSTS": str(self.known_hosts),
+            "VMREPL_SRC_STATE": str(self.src_state),
+            "VMREPL_DST_STATE": str(self.dst_state),
+            "VMREPL_STATE_DIR": str(self.src_state),
+            "VMREPL_NETNS": self.netns,
+        }
+
+    # --- internals ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise start, stop and authorized_keys edits between processes (re-entrant per object)."""
+        if self._lock_fd is not None:
+            yield
+            return
+        public_dir(self.base)
+        fd = os.open(self.base / "host.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd = fd
+            yield
+        finally:
+            self._lock_fd = None
+            os.close(fd)
+
+    def _netns_exists(self) -> bool:
+        return Path("/run/netns", self.netns).exists()
+
+    def _teardown(self) -> None:
+        pid = self.sshd_pid()
+        if pid is not None:
+            _terminate(pid)
+        self.pid_file.unlink(missing_ok=True)
+        if self._netns_exists():
+            run(["ip", "netns", "del", self.netns])
+        # The veth pair goes with the namespace, unless a half-built run left the source end alone.
+        run(["ip", "link", "del", VETH_SOURCE], check=False)
+
+    def _prepare_files(self) -> None:
+        for d in (self.sshd_dir, self.dst_state, self.src_state, self.identity.parent):
+            public_dir(d)
+        if not self.host_key.exists():
+            _keygen(self.host_key)
+        if not self.identity.exists():
+            _keygen(self.identity)
+        kind, blob = self.host_key.with_suffix(".pub").read_text().split()[:2]
+        host = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        _write_atomically(self.known_hosts, f"{host} {kind} {blob}\n")
+        self.authorize(self.identity.with_suffix(".pub"))
+        path = f"{ROOT / '.venv' / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        _write_atomically(self.sshd_config, f"""\
+# Written by testbed/host.py; sshd of the test destination in netns {self.netns}.
+ListenAddress {self.address}
+Port {self.port}
+HostKey {self.host_key}
+PidFile {self.pid_file}
+AuthorizedKeysFile {self.authorized_keys}
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+# The checkout may sit below directories owned by another user; these keys are throwaway ones.
+StrictModes no
+# Every session finds the checkout's vmrepl and uses the destination's state dir.
+SetEnv PATH={path} VMREPL_STATE_DIR={self.dst_state}
+MaxStartups 64
+MaxSessions 64
+Subsystem sftp /usr/lib/openssh/sftp-server
+""")
+
+    def _network(self) -> None:
+        ns = ["ip", "-n", self.netns]
+        for argv in (
+            ["ip", "netns", "add", self.netns],
+            ["ip", "link", "add", VETH_SOURCE, "type", "veth", "peer", "name", VETH_DEST, "netns", self.netns],
+            ["ip", "addr", "add", f"{SOURCE_ADDRESS}/{PREFIX_LEN}", "dev", VETH_SOURCE],
+            ["ip", "link", "set", VETH_SOURCE, "up"],
+            [*ns, "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", VETH_DEST],
+            [*ns, "link", "set", VETH_DEST, "up"],
+            [*ns, "link", "set", "lo", "up"],
+        ):
+            run(argv)
+
+    def _start_sshd(self) -> None:
+        public_dir(Path("/run/sshd"))
+        run(self.ns_argv("/usr/sbin/sshd", "-f", str(self.sshd_config), "-E", str(self.log_file)))
+        deadline = time.monotonic() + 10
+        while not (self.sshd_pid() and _reachable(self.address, self.port, 0.5)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd in netns {self.netns} did not come up; see {self.log_file}")
+            time.sleep(0.05)
+
+
+def _keygen(path: Path) -> None:
+    """An ed25519 key pair at `path` and `path.pub`, written under temporary names then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    for p in (tmp, tmp.with_name(tmp.name + ".pub")):
+        p.unlink(missing_ok=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"vmrepl-testbed-{path.name}", "-f", tmp])
+    os.replace(tmp.with_name(tmp.name + ".pub"), path.with_suffix(".pub"))
+    os.replace(tmp, path)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _terminate(pid: int) -> None:
+    """SIGTERM, then SIGKILL after 5 s; returns once the process is gone."""
+    sig = signal.SIGTERM
+    deadline = time.monotonic() + 5
+    while pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+        time.sleep(0.02)
+
+
+def _reachable(address: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("start", "stop", "env"):
+        print("usage: python -m testbed.host start|stop|env", file=sys.stderr)
+        return 2
+    host = SecondHost()
+    if argv[0] == "start":
+        host.start()
+        print(f"second host up: {host.destination} in netns {host.netns} (sshd pid {host.sshd_pid()})")
+    elif argv[0] == "stop":
+        host.stop()
+        print(f"second host stopped: netns {host.netns}")
+    else:
+        print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in host.env().items()), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
