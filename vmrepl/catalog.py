@@ -39,6 +39,7 @@ MIGRATIONS: list[str] = [
         target       TEXT NOT NULL,
         image        TEXT NOT NULL,
         virtual_size INTEGER NOT NULL,
+        tracking     TEXT NOT NULL DEFAULT 'bitmap' CHECK (tracking IN ('bitmap', 'allocation')),
         PRIMARY KEY (snapshot_id, target)
     );
     CREATE TABLE targets (
@@ -61,6 +62,9 @@ class Layer:
     target: str
     image: str
     virtual_size: int
+    # 'bitmap': the file's `vmrepl` bitmap holds every write made while it was the active layer;
+    # 'allocation': it may not (tracking was lost or rebuilt), use the file's allocation map.
+    tracking: str = "bitmap"
 
 
 @dataclass(frozen=True)
@@ -177,8 +181,8 @@ class Catalog:
                  snap.definition),
             )
             self.db.executemany(
-                "INSERT INTO layers(snapshot_id, target, image, virtual_size) VALUES (?, ?, ?, ?)",
-                [(snap.id, d.target, d.image, d.virtual_size) for d in snap.disks],
+                "INSERT INTO layers(snapshot_id, target, image, virtual_size, tracking) VALUES (?, ?, ?, ?, ?)",
+                [(snap.id, d.target, d.image, d.virtual_size, d.tracking) for d in snap.disks],
             )
 
     def snapshots(self, vm_uuid: str) -> list[Snapshot]:
@@ -222,10 +226,15 @@ class Catalog:
         disks = tuple(
             Layer(*r)
             for r in self.db.execute(
-                "SELECT target, image, virtual_size FROM layers WHERE snapshot_id = ? ORDER BY target", (snapshot_id,)
+                "SELECT target, image, virtual_size, tracking FROM layers WHERE snapshot_id = ? ORDER BY target", (snapshot_id,)
             )
         )
         return Snapshot(*row[:8], disks=disks, definition=row[8])
+
+    def layer_tracking(self, image: str) -> str | None:
+        """How far the `vmrepl` bitmap of a catalogued layer file can be trusted; None if not catalogued."""
+        row = self.db.execute("SELECT tracking FROM layers WHERE image = ?", (image,)).fetchone()
+        return row[0] if row else None
 
     # --- targets -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import click
 
 from .. import __version__
 from ..errors import VmreplError
-from . import status_cmd
+from . import list_cmd, snapshot_cmd, status_cmd
 from .common import Env, global_options
 
 
@@ -26,8 +26,8 @@ def cli(ctx: click.Context) -> None:
                         format="vmrepl: %(levelname)s: %(message)s")
 
 
-for module in (status_cmd,):
-    cli.add_command(getattr(module, module.__name__.rsplit(".", 1)[1].removesuffix("_cmd")))
+for command in (snapshot_cmd.snapshot, list_cmd.list_, status_cmd.status):
+    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> None:

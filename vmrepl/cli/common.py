@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,30 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+@contextlib.contextmanager
+def locked_domain(env: Env, vm: str) -> Iterator[tuple[Any, Catalog]]:
+    """The libvirt domain `vm` and the catalog, with the VM's lock held: one vmrepl run per VM."""
+    from ..names import safe_name
+    from ..source import domain
+    from ..state import vm_lock
+
+    conn = domain.connect(env.connect)
+    try:
+        dom = domain.lookup(conn, safe_name("VM name", vm))
+        with env.catalog() as catalog, vm_lock(env.state_dir, dom.UUIDString()):
+            yield dom, catalog
+    finally:
+        conn.close()
+
+
+def catalog_vm(catalog: Catalog, vm: str) -> str:
+    """The uuid of a VM this host's catalog knows (by name or uuid), else a NotFoundError."""
+    from ..errors import NotFoundError
+
+    uuid = catalog.vm_uuid(vm)
+    if uuid is None:
+        raise NotFoundError(f"no VM {vm!r} in the catalog at {catalog.path.parent}",
+                            hint="take a snapshot first (vmrepl snapshot VM) or check --state-dir")
+    return uuid

@@ -1,0 +1,150 @@
+"""Taking a snapshot on the source: every disk of the VM at one instant, kept as a frozen qcow2 layer.
+
+For a running domain, libvirt takes a disk-only external snapshot of all disks atomically: each
+active image is frozen and a new overlay becomes active. Every active layer carries the persistent
+dirty bitmap `vmrepl`; libvirt carries a consistent, recording bitmap onto the new overlay in the same
+transaction, so the frozen layer's bitmap holds exactly the writes made while it was active. When
+that bitmap is missing or inconsistent (QEMU was killed), the layer is recorded as `allocation`
+tracked (its own allocation map tells its writes) and a fresh bitmap is started before the snapshot,
+so the next layer is tracked again. A shut-off domain gets the same layout through libvirt's offline
+disk-only snapshot and `qemu-img bitmap --add`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+from ..catalog import Catalog, Layer, Snapshot
+from ..errors import SourceError, UsageError
+from ..hooks import run_hooks
+from ..names import safe_name
+from ..qemu import img
+from . import domain
+from .domain import BITMAP, Disk
+
+
+def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Catalog, *,
+                  name: str | None, quiesce: bool, hooks_dir: Path) -> Snapshot:
+    """Snapshot every disk of `dom` at one instant and record it; the caller holds the VM lock."""
+    vm_uuid, vm_name = dom.UUIDString(), dom.name()
+    generation = catalog.next_generation(vm_uuid)
+    created_ns = time.time_ns()
+    name = safe_name("snapshot name", name or f"g{generation}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    if any(s.name == name for s in catalog.snapshots(vm_uuid)):
+        raise UsageError(f"{vm_name} already has a snapshot named {name!r}", hint="pick another --name")
+    running = domain.is_running(dom)
+    if quiesce and not running:
+        raise UsageError(f"--quiesce needs a running domain; {vm_name} is shut off")
+    disks = domain.disks(dom)
+    snapshot_id = str(uuidlib.uuid4())
+    overlays = {d.target: _overlay_path(d, vm_name, name) for d in disks}
+    parents = catalog.snapshots(vm_uuid)
+    hook_env = {"VMREPL_VM": vm_name, "VMREPL_VM_UUID": vm_uuid, "VMREPL_SNAPSHOT": snapshot_id,
+                "VMREPL_SNAPSHOT_NAME": name}
+
+    run_hooks(hooks_dir, "pre-snapshot", hook_env)
+    result = "failed"
+    try:
+        tracking = _prepare_tracking(dom, disks) if running else _offline_tracking(disks)
+        _create(dom, disks, overlays, name, snapshot_id, generation, running=running, quiesce=quiesce)
+        if not running:
+            for path in overlays.values():
+                img.add_bitmap(path, BITMAP)
+        layers = []
+        for d in disks:
+            _fsync_file(d.image)
+            _fsync_file(overlays[d.target])
+            layers.append(Layer(target=d.target, image=d.image, virtual_size=img.info(d.image)["virtual-size"],
+                                tracking=tracking[d.target]))
+        snap = Snapshot(id=snapshot_id, vm_uuid=vm_uuid, vm_name=vm_name, name=name,
+                        parent=parents[-1].id if parents else None, created_ns=created_ns,
+                        generation=generation, origin="local", disks=tuple(layers),
+                        definition=domain.definition(dom))
+        catalog.add_snapshot(snap)
+        result = "ok"
+    finally:
+        run_hooks(hooks_dir, "post-snapshot", {**hook_env, "VMREPL_RESULT": result})
+    return snap
+
+
+def _overlay_path(disk: Disk, vm_name: str, snapshot_name: str) -> str:
+    """The new active file: beside the current one, named after the VM, disk and snapshot."""
+    path = Path(disk.image).with_name(f"{vm_name}-{disk.target}.{snapshot_name}.qcow2")
+    if path.exists():
+        raise SourceError(f"{path} already exists", hint="remove it or pick another --name")
+    return str(path)
+
+
+def _prepare_tracking(dom: libvirt.virDomain, disks: list[Disk]) -> dict[str, str]:
+    """Say whether each active layer's bitmap is complete, and make sure each carries a sound one.
+
+    A missing or inconsistent bitmap is replaced by a fresh one before the snapshot (libvirt only
+    carries consistent bitmaps onto the new overlay); the layer being frozen is then 'allocation'.
+    """
+    nodes = domain.top_bitmaps(dom)
+    tracking: dict[str, str] = {}
+    actions = []
+    for d in disks:
+        if d.image not in nodes:
+            raise SourceError(f"QEMU of {dom.name()} does not show disk {d.target} ({d.image})",
+                              hint="is the domain's definition in sync with the running QEMU?")
+        node, bitmap = nodes[d.image]
+        sound = bitmap is not None and bitmap.get("persistent") and bitmap.get("recording") \
+            and not bitmap.get("inconsistent")
+        tracking[d.target] = "bitmap" if sound else "allocation"
+        if not sound:
+            if bitmap is not None:
+                actions.append({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": BITMAP}})
+            actions.append({"type": "block-dirty-bitmap-add",
+                            "data": {"node": node, "name": BITMAP, "persistent": True, "granularity": 65536}})
+    if actions:
+        domain.monitor(dom, "transaction", actions=actions)
+    return tracking
+
+
+def _offline_tracking(disks: list[Disk]) -> dict[str, str]:
+    tracking = {}
+    for d in disks:
+        bitmap = next((b for b in img.bitmaps(d.image) if b["name"] == BITMAP), None)
+        tracking[d.target] = "bitmap" if bitmap is not None and "in-use" not in bitmap["flags"] else "allocation"
+    return tracking
+
+
+def _create(dom: libvirt.virDomain, disks: list[Disk], overlays: dict[str, str], name: str, snapshot_id: str,
+            generation: int, *, running: bool, quiesce: bool) -> None:
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "description").text = f"vmrepl snapshot {snapshot_id} generation {generation}"
+    xml_disks = ET.SubElement(root, "disks")
+    for d in disks:
+        el = ET.SubElement(xml_disks, "disk", name=d.target, snapshot="external")
+        ET.SubElement(el, "driver", type="qcow2")
+        ET.SubElement(el, "source", file=overlays[d.target])
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+    if running:
+        flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+    if quiesce:
+        flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+    try:
+        dom.snapshotCreateXML(ET.tostring(root, encoding="unicode"), flags)
+    except libvirt.libvirtError as err:
+        message = err.get_error_message()
+        if quiesce and "agent" in message.lower():
+            raise SourceError(f"cannot quiesce {dom.name()}: {message}",
+                              hint="install and start qemu-guest-agent in the guest (with its virtio channel), "
+                                   "or snapshot without --quiesce") from err
+        raise SourceError(f"libvirt could not snapshot {dom.name()}: {message}") from err
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
