@@ -83,6 +83,11 @@ def bitmaps(path: StrPath) -> list[dict[str, Any]]:
     return list(data.get("format-specific", {}).get("data", {}).get("bitmaps", []))
 
 
+def add_bitmap(path: StrPath, name: str, *, granularity: int = 65536) -> None:
+    """Start a persistent dirty bitmap in an image no QEMU has open (a shut-off domain's new overlay)."""
+    _run(["bitmap", "--add", "-f", "qcow2", "-g", str(granularity), str(path), name], str(path))
+
+
 def _run(args: list[str], path: str, *, ok_codes: tuple[int, ...] = (0,)) -> str:
     proc = _call(args)
     if proc.returncode not in ok_codes:
