@@ -11,7 +11,7 @@ import click
 
 from .. import __version__
 from ..errors import VmreplError
-from . import hook_event_cmd, list_cmd, snapshot_cmd, status_cmd
+from . import changes_cmd, hook_event_cmd, list_cmd, snapshot_cmd, status_cmd
 from .common import Env, global_options
 
 
@@ -26,7 +26,7 @@ def cli(ctx: click.Context) -> None:
                         format="vmrepl: %(levelname)s: %(message)s")
 
 
-for command in (snapshot_cmd.snapshot, list_cmd.list_, status_cmd.status, hook_event_cmd.hook_event):
+for command in (snapshot_cmd.snapshot, list_cmd.list_, changes_cmd.changes, status_cmd.status, hook_event_cmd.hook_event):
     cli.add_command(command)
 
 

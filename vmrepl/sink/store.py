@@ -1,0 +1,100 @@
+"""The destination's store: per VM and disk a chain of immutable qcow2 layers, plus catalog rows.
+
+    STATE/vms/VM_UUID/disks/TARGET/SNAPSHOT_ID.qcow2          a committed layer, backed by the next older
+    STATE/vms/VM_UUID/disks/TARGET/.SNAPSHOT_ID.qcow2.partial being received (invisible)
+    STATE/vms/VM_UUID/incoming/SNAPSHOT_ID.json               progress of a partial transfer (resume)
+    STATE/vms/VM_UUID/definitions/SNAPSHOT_ID.xml             the VM definition at that snapshot
+
+Commit order of a snapshot (docs/FORMAT.md, "Committing a snapshot"): every disk's partial layer is
+complete and its digest checked -> each is flushed, fsynced and renamed to its final name -> the
+definition is written durably -> one catalog transaction adds the snapshot and its layers -> the
+progress file goes. Only a catalog row makes a snapshot visible; a crash before it leaves files that no
+row names, which the next receive of that snapshot replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..catalog import Catalog, Layer, Snapshot
+from ..errors import ProtocolError
+from ..names import safe_name
+from ..state import fsync_dir, write_file_durably
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a partial transfer durably got: per disk, every extent below `offsets[target]` is stored."""
+
+    snapshot_id: str
+    base_id: str | None
+    offsets: dict[str, int]
+
+
+class Store:
+    def __init__(self, state_dir: Path, catalog: Catalog) -> None:
+        self.root = state_dir / "vms"
+        self.catalog = catalog
+
+    def vm_dir(self, vm_uuid: str) -> Path:
+        return self.root / safe_name("VM uuid", vm_uuid)
+
+    def layer_path(self, vm_uuid: str, target: str, snapshot_id: str) -> Path:
+        directory = self.vm_dir(vm_uuid) / "disks" / safe_name("disk target", target)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{safe_name('snapshot id', snapshot_id)}.qcow2"
+
+    def held(self, vm_uuid: str) -> list[Snapshot]:
+        return self.catalog.snapshots(vm_uuid) if self.catalog.vm_uuid(vm_uuid) else []
+
+    # --- progress of partial transfers ------------------------------------------------------------
+
+    def _progress_path(self, vm_uuid: str, snapshot_id: str) -> Path:
+        directory = self.vm_dir(vm_uuid) / "incoming"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{safe_name('snapshot id', snapshot_id)}.json"
+
+    def partial(self, vm_uuid: str) -> Progress | None:
+        """The resumable transfer of this VM, if one was interrupted."""
+        directory = self.vm_dir(vm_uuid) / "incoming"
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                doc = json.loads(path.read_text())
+                return Progress(doc["snapshot_id"], doc["base_id"], {str(k): int(v) for k, v in doc["offsets"].items()})
+            except (ValueError, KeyError, TypeError):
+                path.unlink()  # a progress file we cannot read only costs a restart of that transfer
+        return None
+
+    def save_progress(self, vm_uuid: str, progress: Progress) -> None:
+        """Call only after the layers hold (flushed) every extent below the offsets."""
+        write_file_durably(self._progress_path(vm_uuid, progress.snapshot_id), json.dumps(
+            {"snapshot_id": progress.snapshot_id, "base_id": progress.base_id, "offsets": progress.offsets}).encode())
+
+    def drop_partial(self, vm_uuid: str, snapshot_id: str) -> None:
+        """Forget an interrupted transfer: its partial layers and its progress file."""
+        disks = self.vm_dir(vm_uuid) / "disks"
+        for partial in disks.glob(f"*/.{snapshot_id}.qcow2.partial") if disks.is_dir() else []:
+            partial.unlink()
+        self._progress_path(vm_uuid, snapshot_id).unlink(missing_ok=True)
+
+    # --- commit ----------------------------------------------------------------------------------
+
+    def commit(self, snap: Snapshot) -> None:
+        """Make a received snapshot visible: its layers are already at their final names, durable."""
+        for layer in snap.disks:
+            if not Path(layer.image).is_file():
+                raise ProtocolError(f"layer {layer.image} of snapshot {snap.name} is missing at commit")
+        definitions = self.vm_dir(snap.vm_uuid) / "definitions"
+        definitions.mkdir(parents=True, exist_ok=True)
+        write_file_durably(definitions / f"{snap.id}.xml", snap.definition.encode())
+        self.catalog.add_snapshot(snap)
+        progress = self._progress_path(snap.vm_uuid, snap.id)
+        if progress.exists():
+            os.unlink(progress)
+            fsync_dir(progress.parent)
+
+    def layers_of(self, snap: Snapshot) -> dict[str, Layer]:
+        return {layer.target: layer for layer in snap.disks}
