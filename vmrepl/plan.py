@@ -105,11 +105,8 @@ def _step(tree: _Lineage, snap: SourceSnapshot, holdings: dict[str, Age], labels
     # Ancestors come nearest first, which is youngest first (_Lineage checks every parent is older).
     notes: list[str] = []
     base: SourceSnapshot | None = None
-    parent_on_source: str | None = None
     for ancestor in tree.ancestors(snap):
         known = tree.snaps.get(ancestor)
-        if parent_on_source is None and known is not None and known.on_source:
-            parent_on_source = ancestor
         if ancestor not in holdings:
             continue
         if known is None:
@@ -129,8 +126,9 @@ def _step(tree: _Lineage, snap: SourceSnapshot, holdings: dict[str, Age], labels
             details.append("from the VM this one was cloned from")
         if not base.on_source:
             details.append("deleted on the source but still tracked")
-        if parent_on_source is not None and tree.age(tree.snaps[parent_on_source]) < tree.age(base):
-            details.append(f"younger than {labels[parent_on_source]}, its parent on the source: smaller delta")
+        parent = next((a for a in tree.ancestors(snap) if a in tree.snaps and tree.snaps[a].on_source), None)
+        if parent is not None and tree.age(tree.snaps[parent]) < tree.age(base):
+            details.append(f"younger than {labels[parent]}, its parent on the source: smaller delta")
         head = f"base {labels[base.id]} ({'; '.join(details)})"
     age = tree.age(snap)
     after = max((h for h in holdings if holdings[h] < age), key=holdings.__getitem__, default=None)
