@@ -106,14 +106,15 @@ def _step(tree: _Lineage, snap: SourceSnapshot, holdings: dict[str, Age], labels
     notes: list[str] = []
     base: SourceSnapshot | None = None
     for ancestor in tree.ancestors(snap):
-        known = tree.snaps.get(ancestor)
         if ancestor not in holdings:
             continue
+        known = tree.snaps.get(ancestor)
         if known is None:
             notes.append(f"{labels[ancestor]} unknown to the source, which cannot diff from it")
         elif not known.tracked:
-            gone = "deleted on the source and no longer tracked" if not known.on_source else "its change tracking is lost on the source"
-            notes.append(f"{labels[ancestor]} {gone}")
+            lost = "its change tracking is lost on the source" if known.on_source else \
+                "deleted on the source and no longer tracked"
+            notes.append(f"{labels[ancestor]} {lost}")
         else:
             base = known
             break

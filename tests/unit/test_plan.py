@@ -262,3 +262,16 @@ def test_plan_properties(scenario: tuple) -> None:
         assert step.before == min(younger, key=age.__getitem__, default=None)
         assert step.position == ("insert" if younger else "append")
         holdings.add(snap.id)
+
+
+def test_worked_example_of_docs_planning() -> None:
+    lineage = chain(("g1", 1), ("g2", 2, {"on": False}), ("g3", 3, {"on": False, "tracked": False}),
+                    ("g4", 4), ("g5", 5, {"t": 3500}), ("g6", 6))
+    steps = plan(lineage, holding(lineage, "g1", "g2", "g3", "g6"))
+    assert triples(steps) == [("g4", "g2", "g3", "g6"), ("g5", "g4", "g4", "g6")]
+    assert steps[0].reason == (
+        "base g2 (youngest shared ancestor; deleted on the source but still tracked; younger than g1, its parent"
+        " on the source: smaller delta); g3 deleted on the source and no longer tracked; inserted after g3,"
+        " before g6 (g6 is rebased onto it)")
+    later = plan(lineage, holding(lineage, "g1"), latest_first=True)
+    assert triples(later) == [("g6", "g1", "g1", None), ("g4", "g1", "g1", "g6"), ("g5", "g4", "g4", "g6")]
