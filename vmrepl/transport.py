@@ -1,0 +1,408 @@
+"""SSH transport: an exec channel to `vmrepl receive` on the destination, via paramiko.
+
+`connect()` returns a Connection whose `reader` and `writer` are binary file objects for
+wire.FrameReader / wire.FrameWriter. Host keys are checked strictly (~/.ssh/known_hosts plus
+`--known-hosts`); an unknown key is refused unless the caller accepts new keys, a changed key
+always is. The remote stderr is drained by a thread (so a chatty remote cannot stall the channel)
+and named in the error when the remote command fails. docs/SSH.md shows the authorized_keys line
+that pins the receiver.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import io
+import ipaddress
+import re
+import shlex
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from .errors import AuthError, HostKeyError, TransportError, UsageError
+from .state import write_file_durably
+
+DEFAULT_REMOTE_COMMAND = "vmrepl receive"
+# aes128-gcm is paramiko's fastest cipher (shared/PLATFORM.md); ctr modes are the fallbacks.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+CONNECT_TIMEOUT = 15.0
+# How long to wait, at end of stream, for the remote exit status before reporting a plain drop.
+EXIT_WAIT = 5.0
+STDERR_KEEP = 64 << 10
+
+
+def user_known_hosts() -> Path:
+    return Path("~/.ssh/known_hosts").expanduser()
+
+
+# --- destinations -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    port: int = 22
+    user: str | None = None
+
+    @property
+    def known_hosts_name(self) -> str:
+        """How OpenSSH names the host in known_hosts."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user else ""
+        return f"{user}{host}" + (f":{self.port}" if self.port != 22 else "")
+
+
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def parse_destination(text: str) -> Destination:
+    """`[USER@]HOST[:PORT]`, HOST a name, an IPv4 address or `[IPV6]` (bare IPv6 without a port)."""
+    def bad(why: str) -> UsageError:
+        return UsageError(f"invalid destination {text!r}: {why}",
+                          hint="write [USER@]HOST[:PORT], e.g. root@backup1:2222 or root@[fd00::2]:22")
+    user = None
+    rest = text
+    if "@" in rest:
+        user, rest = rest.rsplit("@", 1)
+        if not _USER.fullmatch(user):
+            raise bad(f"bad user name {user!r}")
+    port_text = None
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep or (tail and not tail.startswith(":")):
+            raise bad("unbalanced brackets")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv6 address") from None
+        port_text = tail[1:] if tail else None
+    elif rest.count(":") > 1:
+        try:
+            host = str(ipaddress.IPv6Address(rest))
+        except ValueError:
+            raise bad("an IPv6 address with a port must be in brackets") from None
+    else:
+        host, _, port_text = rest.partition(":")
+        port_text = port_text if ":" in rest else None
+        if not _HOSTNAME.fullmatch(host):
+            raise bad(f"bad host name {host!r}")
+    port = 22
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise bad(f"bad port {port_text!r}")
+        port = int(port_text)
+    return Destination(host=host, port=port, user=user)
+
+
+def remote_command_line(remote_command: str = DEFAULT_REMOTE_COMMAND, remote_state_dir: str | None = None) -> str:
+    """The command sent to sshd. An authorized_keys `command=` replaces it, which is fine: the
+    forced command then names its own state dir."""
+    if remote_state_dir is None:
+        return remote_command
+    return f"{remote_command} --state-dir {shlex.quote(remote_state_dir)}"
+
+
+# --- channel as file objects --------------------------------------------------------------------
+
+class _TokenBucket:
+    """At most `rate` bytes/s on average, in bursts of at most `burst` bytes."""
+
+    def __init__(self, rate: int) -> None:
+        if rate <= 0:
+            raise UsageError(f"invalid bandwidth limit {rate}", hint="give a positive rate in bytes per second")
+        self.rate = rate
+        self.burst = max(16 << 10, min(rate // 8, 1 << 20))
+        self.tokens = float(self.burst)
+        self.last = time.monotonic()
+
+    def take(self, n: int) -> None:
+        """Wait until `n` (<= burst) bytes may go."""
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            if self.tokens >= n:
+                self.tokens -= n
+                return
+            time.sleep((n - self.tokens) / self.rate)
+
+
+class _ChannelWriter(io.RawIOBase):
+    """The channel's stdin side; every write is sent in full (rate-limited if asked)."""
+
+    def __init__(self, conn: Connection, bucket: _TokenBucket | None) -> None:
+        self._conn = conn
+        self._bucket = bucket
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            if self._bucket is None:
+                self._conn.channel.sendall(view)
+            else:
+                for start in range(0, len(view), self._bucket.burst):
+                    chunk = view[start:start + self._bucket.burst]
+                    self._bucket.take(len(chunk))
+                    self._conn.channel.sendall(chunk)
+        except OSError as err:
+            raise self._conn.failure(f"sending failed: {err}") from None
+        return len(view)
+
+    def close(self) -> None:
+        """Signal end of input to the remote command."""
+        if not self.closed:
+            try:
+                self._conn.channel.shutdown_write()
+            except OSError:
+                pass
+        super().close()
+
+
+class _ChannelReader(io.RawIOBase):
+    """The channel's stdout side. At end of stream it waits briefly for the exit status and raises
+    TransportError naming the remote stderr if the command failed."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        try:
+            data = self._conn.channel.recv(len(buf))
+        except OSError as err:
+            raise self._conn.failure(f"receiving failed: {err}") from None
+        if not data:
+            status = self._conn.exit_status(EXIT_WAIT)
+            if status != 0:
+                raise self._conn.failure("the remote end closed the stream")
+            return 0
+        n = len(data)
+        buf[:n] = data
+        return n
+
+
+# --- connection ---------------------------------------------------------------------------------
+
+class Connection:
+    """One ssh session running the remote command. `reader`/`writer` are the command's stdout and
+    stdin as binary files; `stderr()` what it wrote to stderr so far (the last 64 KiB)."""
+
+    def __init__(self, destination: Destination, transport: paramiko.Transport, channel: paramiko.Channel,
+                 command: str, bwlimit: int | None) -> None:
+        self.destination = destination
+        self.transport = transport
+        self.channel = channel
+        self.command = command
+        self.cipher = transport.remote_cipher
+        self._stderr = bytearray()
+        self._stderr_done = threading.Event()
+        threading.Thread(target=self._drain_stderr, name="ssh-stderr", daemon=True).start()
+        self.writer = _ChannelWriter(self, _TokenBucket(bwlimit) if bwlimit else None)
+        self.reader = io.BufferedReader(_ChannelReader(self), buffer_size=1 << 20)
+
+    def _drain_stderr(self) -> None:
+        try:
+            while chunk := self.channel.recv_stderr(32 << 10):
+                self._stderr += chunk
+                del self._stderr[:-STDERR_KEEP]
+        except OSError:
+            pass
+        finally:
+            self._stderr_done.set()
+
+    def stderr(self) -> str:
+        return self._stderr.decode("utf-8", "replace")
+
+    def exit_status(self, timeout: float) -> int | None:
+        """The remote command's exit status, or None if it has not exited within `timeout`."""
+        if self.channel.status_event.wait(timeout):
+            return self.channel.recv_exit_status()
+        return None
+
+    def failure(self, what: str) -> TransportError:
+        """The error to raise when the stream breaks: the remote command's failure if it failed
+        (with the last line of its stderr), else a dropped connection (retryable)."""
+        status = self.exit_status(EXIT_WAIT if self.channel.closed or self.channel.eof_received else 0.5)
+        self._stderr_done.wait(1.0)
+        lines = [line.strip() for line in self.stderr().splitlines() if line.strip()]
+        if status is not None and status != 0:
+            detail = lines[-1] if lines else f"exit status {status}"
+            err = TransportError(f"remote command failed on {self.destination.host}: {detail}",
+                                 hint=f"check that {self.command!r} runs there (see --remote-command)")
+            err.retryable = False
+            return err
+        return TransportError(f"connection to {self.destination.host} dropped: {what}",
+                              hint="check the network and the destination, then retry")
+
+    def close(self) -> None:
+        for stream in (self.writer, self.reader):
+            stream.close()
+        self.channel.close()
+        self.transport.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(destination: str | Destination, *, identity: Path | None = None, known_hosts: Path | None = None,
+            accept_new_host_key: bool = False, remote_command: str = DEFAULT_REMOTE_COMMAND,
+            remote_state_dir: str | None = None, bwlimit: int | None = None,
+            timeout: float = CONNECT_TIMEOUT) -> Connection:
+    """Open an authenticated ssh session to `destination` and run the remote command in it.
+    `bwlimit` caps what is sent, in bytes per second."""
+    dest = parse_destination(destination) if isinstance(destination, str) else destination
+    user = dest.user or getpass.getuser()
+    sock = _open_socket(dest, timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        host_keys = _load_host_keys(known_hosts)
+        _negotiate(transport, dest, host_keys.lookup(dest.known_hosts_name), timeout)
+        _check_host_key(transport.get_remote_server_key(), dest, host_keys, known_hosts, accept_new_host_key)
+        _authenticate(transport, dest, user, identity)
+        command = remote_command_line(remote_command, remote_state_dir)
+        try:
+            channel = transport.open_session(timeout=timeout)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError) as err:
+            raise TransportError(f"{dest.host} refused to run {command!r}: {err}",
+                                 hint="check sshd's configuration there") from None
+        return Connection(dest, transport, channel, command, bwlimit)
+    except BaseException:
+        transport.close()
+        raise
+
+
+def _open_socket(dest: Destination, timeout: float) -> socket.socket:
+    where = f"{dest.host} port {dest.port}"
+    try:
+        sock = socket.create_connection((dest.host, dest.port), timeout=timeout)
+    except socket.gaierror as err:
+        raise TransportError(f"cannot resolve {dest.host}: {err.strerror}",
+                             hint="check the host name and DNS") from None
+    except TimeoutError:
+        raise TransportError(f"cannot connect to {where}: timed out after {timeout:g} s",
+                             hint="check the address, the network and that sshd listens there") from None
+    except OSError as err:
+        raise TransportError(f"cannot connect to {where}: {err.strerror or err}",
+                             hint="check the address and that sshd listens there") from None
+    # A peer that vanishes without a FIN is noticed in about 90 s, even while the receiver works.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)
+    return sock
+
+
+def _load_host_keys(known_hosts: Path | None) -> paramiko.HostKeys:
+    keys = paramiko.HostKeys()
+    for path in (user_known_hosts(), known_hosts):
+        if path is not None and path.exists():
+            try:
+                keys.load(str(path))
+            except (OSError, paramiko.SSHException) as err:
+                raise HostKeyError(f"cannot read known hosts file {path}: {err}",
+                                   hint="fix or remove the broken line") from None
+    return keys
+
+
+def _negotiate(transport: paramiko.Transport, dest: Destination, known: paramiko.hostkeys.HostKeyEntry | None,
+               timeout: float) -> None:
+    options = transport.get_security_options()
+    options.ciphers = tuple(c for c in CIPHERS if c in options.ciphers)
+    options.compression = ("none",)  # the stream is compressed by vmrepl already
+    if known:
+        # Ask for a key type we know for this host, so a second key type is not taken for a change.
+        preferred = [k for k in options.key_types if k in known.keys()]
+        if preferred:
+            options.key_types = tuple(preferred + [k for k in options.key_types if k not in preferred])
+    try:
+        transport.start_client(timeout=timeout)
+    except (paramiko.SSHException, EOFError, OSError) as err:
+        raise TransportError(f"ssh handshake with {dest.host} port {dest.port} failed: {err or type(err).__name__}",
+                             hint="check that an ssh server listens there") from None
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return f"{key.get_name()} SHA256:{digest}"
+
+
+def _check_host_key(key: paramiko.PKey, dest: Destination, host_keys: paramiko.HostKeys,
+                    known_hosts: Path | None, accept_new: bool) -> None:
+    name = dest.known_hosts_name
+    known = host_keys.lookup(name)
+    if known:
+        if known.get(key.get_name()) == key:
+            return
+        raise HostKeyError(f"host key of {name} has CHANGED (now {_fingerprint(key)}); refusing to connect",
+                           hint="if the host was reinstalled, remove its old line from known_hosts and retry")
+    if not accept_new:
+        raise HostKeyError(f"host key of {name} is unknown ({_fingerprint(key)})",
+                           hint="add it to known_hosts or pass --accept-new-host-key")
+    path = known_hosts or user_known_hosts()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    write_file_durably(path, f"{old}{name} {key.get_name()} {key.get_base64()}\n".encode())
+
+
+def _authenticate(transport: paramiko.Transport, dest: Destination, user: str, identity: Path | None) -> None:
+    """--identity alone if given; else the ssh-agent's keys, then the default key files."""
+    if identity is not None:
+        candidates = [(str(identity), _load_key(identity))]
+    else:
+        candidates = [(f"agent key {_fingerprint(k)}", k) for k in paramiko.Agent().get_keys()]
+        home = Path("~/.ssh").expanduser()
+        for name in DEFAULT_KEYS:
+            path = home / name
+            if path.exists():
+                try:
+                    candidates.append((str(path), _load_key(path)))
+                except AuthError:
+                    continue  # an encrypted default key: the agent is the way to use it
+    if not candidates:
+        raise AuthError(f"no key to log in to {dest.host} with",
+                        hint="pass --identity KEY, or load a key into ssh-agent")
+    for _, key in candidates:
+        try:
+            transport.auth_publickey(user, key)
+        except paramiko.AuthenticationException:
+            continue
+        except (paramiko.SSHException, OSError) as err:
+            raise TransportError(f"connection to {dest.host} dropped during login: {err}",
+                                 hint="check the destination's sshd, then retry") from None
+        if transport.is_authenticated():
+            return
+    tried = ", ".join(label for label, _ in candidates)
+    raise AuthError(f"{dest.host} refused the key for {user} (tried {tried})",
+                    hint=f"authorize the key in {user}'s authorized_keys there, or pass --identity KEY")
+
+
+def _load_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(path)
+    except paramiko.PasswordRequiredException:
+        raise AuthError(f"identity {path} is encrypted", hint="load it into ssh-agent instead") from None
+    except (OSError, paramiko.SSHException, ValueError) as err:
+        raise AuthError(f"cannot load identity {path}: {err}", hint="pass an OpenSSH private key file") from None
