@@ -15,6 +15,7 @@ import getpass
 import hashlib
 import io
 import ipaddress
+import logging
 import re
 import shlex
 import socket
@@ -36,6 +37,9 @@ CONNECT_TIMEOUT = 15.0
 # How long to wait, at end of stream, for the remote exit status before reporting a plain drop.
 EXIT_WAIT = 5.0
 STDERR_KEEP = 64 << 10
+
+# paramiko logs tracebacks of failed handshakes; vmrepl reports each failure as its one-line error.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 def user_known_hosts() -> Path:
@@ -157,8 +161,8 @@ class _ChannelWriter(io.RawIOBase):
                     chunk = view[start:start + self._bucket.burst]
                     self._bucket.take(len(chunk))
                     self._conn.channel.sendall(chunk)
-        except OSError as err:
-            raise self._conn.failure(f"sending failed: {err}") from None
+        except (OSError, EOFError, paramiko.SSHException) as err:
+            raise self._conn.failure(f"sending failed: {err or type(err).__name__}") from None
         return len(view)
 
     def close(self) -> None:
@@ -184,8 +188,8 @@ class _ChannelReader(io.RawIOBase):
     def readinto(self, buf: bytearray | memoryview) -> int:
         try:
             data = self._conn.channel.recv(len(buf))
-        except OSError as err:
-            raise self._conn.failure(f"receiving failed: {err}") from None
+        except (OSError, EOFError, paramiko.SSHException) as err:
+            raise self._conn.failure(f"receiving failed: {err or type(err).__name__}") from None
         if not data:
             status = self._conn.exit_status(EXIT_WAIT)
             if status != 0:
@@ -230,8 +234,11 @@ class Connection:
 
     def exit_status(self, timeout: float) -> int | None:
         """The remote command's exit status, or None if it has not exited within `timeout`."""
+        if not self.transport.is_active():
+            timeout = 0  # a dropped connection brings no status any more
         if self.channel.status_event.wait(timeout):
-            return self.channel.recv_exit_status()
+            status = self.channel.recv_exit_status()
+            return None if status == -1 else status  # -1: closed without a status, i.e. dropped
         return None
 
     def failure(self, what: str) -> TransportError:
@@ -370,9 +377,11 @@ def _check_host_key(key: paramiko.PKey, dest: Destination, host_keys: paramiko.H
 def _authenticate(transport: paramiko.Transport, dest: Destination, user: str, identity: Path | None) -> None:
     """--identity alone if given; else the ssh-agent's keys, then the default key files."""
     if identity is not None:
-        candidates = [(str(identity), _load_key(identity))]
-    else:
-        candidates = [(f"agent key {_fingerprint(k)}", k) for k in paramiko.Agent().get_keys()]
+        _try_keys(transport, dest, user, [(str(identity), _load_key(identity))])
+        return
+    agent = paramiko.Agent()  # without SSH_AUTH_SOCK it simply has no keys
+    try:
+        candidates = [(f"agent key {_fingerprint(k)}", k) for k in agent.get_keys()]
         home = Path("~/.ssh").expanduser()
         for name in DEFAULT_KEYS:
             path = home / name
@@ -381,6 +390,13 @@ def _authenticate(transport: paramiko.Transport, dest: Destination, user: str, i
                     candidates.append((str(path), _load_key(path)))
                 except AuthError:
                     continue  # an encrypted default key: the agent is the way to use it
+        _try_keys(transport, dest, user, candidates)
+    finally:
+        agent.close()
+
+
+def _try_keys(transport: paramiko.Transport, dest: Destination, user: str,
+              candidates: list[tuple[str, paramiko.PKey]]) -> None:
     if not candidates:
         raise AuthError(f"no key to log in to {dest.host} with",
                         hint="pass --identity KEY, or load a key into ssh-agent")
