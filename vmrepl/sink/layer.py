@@ -1,8 +1,10 @@
 """Writing one received snapshot of one disk as a new qcow2 layer of the destination's chain.
 
 The layer is written into a hidden `.NAME.partial` beside its final name, through a writable NBD export
-of qemu-storage-daemon (the fastest safe way measured: docs/BENCHMARKS.md), then flushed, closed,
-fsynced and renamed: the final name only ever holds a complete layer. A failure removes the partial,
+of qemu-storage-daemon, then flushed, closed, fsynced and renamed: the final name only ever holds a
+complete layer. Measured for 1 GiB in 4 MiB writes, to durable: ~1.6-1.75 GB/s with the node on O_DIRECT
++ io_uring and 4 writes in flight, against ~0.4-0.9 GB/s buffered (sync or pipelined), ~0.5 GB/s
+through qemu-nbd, and ~0.6-1.1 GB/s for a plain Python write+fsync of a raw file. A failure removes the partial,
 or keeps it (`keep_partial`) so that `LayerWriter.resume` can go on writing into it later.
 """
 
@@ -13,6 +15,7 @@ import os
 from collections import deque
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Callable, TypeVar
 
 import nbd
 
@@ -22,6 +25,8 @@ from ..extents import MAX_PIECE
 from ..qemu import img
 from ..qemu.storage_daemon import ALLOCATION, StorageDaemon
 from ..state import fsync_dir
+
+T = TypeVar("T")
 
 # Zeroing carries no payload; NBD counts are 32-bit, so cut it into 1 GiB requests.
 _MAX_ZERO = 1 << 30
@@ -189,7 +194,7 @@ class LayerWriter:
         while self._pending:
             self._complete_oldest()
 
-    def _nbd(self, call, *args):  # type: ignore[no-untyped-def]
+    def _nbd(self, call: Callable[..., T], *args: Any) -> T:
         """Run one libnbd call; its failure becomes a SinkError (NoSpaceError when the disk is full)."""
         try:
             return call(*args)
