@@ -189,3 +189,22 @@ def test_full_disk_is_no_space_and_leaves_nothing(workdir: Path, daemon: Storage
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_partial_survives_a_killed_daemon_and_resumes(workdir: Path) -> None:
+    final = workdir / "layer.qcow2"
+    with pytest.raises(SinkError):
+        with StorageDaemon() as d:
+            with LayerWriter(final, backing=None, virtual_size=SIZE, daemon=d, keep_partial=True) as w:
+                w.write(0, b"\x07" * (8 * MiB))
+                w.flush()
+                assert d.pid is not None
+                os.kill(d.pid, 9)  # the receiver's QEMU dies mid-transfer
+                w.write(8 * MiB, b"\x08" * MiB)
+                w.flush()
+    assert partial_path(final).exists() and not final.exists()
+    with StorageDaemon() as d, LayerWriter.resume(final, daemon=d) as w:
+        w.write(8 * MiB, b"\x08" * MiB)
+        w.commit()
+    assert read_pattern(final, 0, 8 * MiB, 7) and read_pattern(final, 8 * MiB, MiB, 8)
+    assert img.check(final)["check-errors"] == 0
