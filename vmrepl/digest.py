@@ -26,15 +26,8 @@ _IN_FLIGHT = 4
 
 def image_digest(path: str | os.PathLike[str], *, daemon: StorageDaemon) -> str:
     """The digest of the image read through its backing chain (opened read-only, without locks)."""
-    node = daemon.add_image(path)
-    export = daemon.export(node)
-    h = daemon.connect(export, meta_contexts=[ALLOCATION])
-    try:
-        return handle_digest(h)
-    finally:
-        h.shutdown()
-        daemon.remove_export(export)
-        daemon.remove_image(node)
+    with daemon.reader(path, meta_contexts=[ALLOCATION]) as export:
+        return handle_digest(export.nbd)
 
 
 def handle_digest(h: nbd.NBD) -> str:

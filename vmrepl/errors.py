@@ -11,7 +11,8 @@ retry may succeed (the replication driver retries only those)::
      +-- SourceError             libvirt / QEMU / qemu-img refused or failed on the source
      |    +-- UnsupportedDiskError   a disk vmrepl cannot track (raw, network, ...)
      |    +-- HookError              a user pre/post hook failed
-     +-- ChangeTrackingError     a dirty bitmap is missing or inconsistent (callers fall back)
+     +-- QemuError               qemu-img or qemu-storage-daemon refused or failed (either host)
+ +-- ChangeTrackingError     a dirty bitmap is missing or inconsistent (callers fall back)
      +-- TransportError          ssh could not connect or the connection dropped (retryable)
      |    +-- HostKeyError           unknown or changed host key
      |    +-- AuthError              the key was refused
@@ -63,6 +64,10 @@ class UnsupportedDiskError(SourceError):
 
 
 class HookError(SourceError):
+    pass
+
+
+class QemuError(VmreplError):
     pass
 
 

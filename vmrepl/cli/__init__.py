@@ -11,7 +11,8 @@ import click
 
 from .. import __version__
 from ..errors import VmreplError
-from . import changes_cmd, hook_event_cmd, list_cmd, snapshot_cmd, status_cmd
+from . import (changes_cmd, hook_event_cmd, list_cmd, receive_cmd, replicate_cmd, snapshot_cmd, status_cmd,
+               verify_cmd)
 from .common import Env, global_options
 
 
@@ -26,7 +27,8 @@ def cli(ctx: click.Context) -> None:
                         format="vmrepl: %(levelname)s: %(message)s")
 
 
-for command in (snapshot_cmd.snapshot, list_cmd.list_, changes_cmd.changes, status_cmd.status, hook_event_cmd.hook_event):
+for command in (snapshot_cmd.snapshot, list_cmd.list_, changes_cmd.changes, replicate_cmd.replicate,
+                receive_cmd.receive, verify_cmd.verify, status_cmd.status, hook_event_cmd.hook_event):
     cli.add_command(command)
 
 

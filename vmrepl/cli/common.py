@@ -110,3 +110,47 @@ def catalog_vm(catalog: Catalog, vm: str) -> str:
         raise NotFoundError(f"no VM {vm!r} in the catalog at {catalog.path.parent}",
                             hint="take a snapshot first (vmrepl snapshot VM) or check --state-dir")
     return uuid
+
+
+def parse_rate(text: str | None) -> int | None:
+    """'500K', '20M', '1G' or plain bytes per second."""
+    from ..errors import UsageError
+
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    number, unit = text.rstrip("KMGkmg"), text[len(text.rstrip("KMGkmg")):].upper()
+    try:
+        rate = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise UsageError(f"invalid rate {text!r}", hint="give bytes per second, e.g. 500K, 20M or 1G") from None
+    if rate <= 0:
+        raise UsageError(f"invalid rate {text!r}", hint="the rate must be positive")
+    return rate
+
+
+def connection_options(f: Callable) -> Callable:
+    """The ssh options of commands that talk to a destination (replicate, verify); they arrive as `ssh`."""
+    options = [
+        click.option("--to", "destination", required=True, metavar="[USER@]HOST[:PORT]", help="The destination."),
+        click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="SSH private key."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path),
+                     help="known_hosts file (besides ~/.ssh/known_hosts)."),
+        click.option("--accept-new-host-key", is_flag=True, help="Trust and record an unknown host key."),
+        click.option("--remote-command", default="vmrepl receive", show_default=True,
+                     help="What runs on the destination (e.g. a venv path, with --state-dir)."),
+        click.option("--bwlimit", metavar="RATE", help="Limit the send rate, bytes/s (K, M, G suffixes)."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, destination: str, identity: Path | None, known_hosts: Path | None,
+                accept_new_host_key: bool, remote_command: str, bwlimit: str | None, **kwargs: Any) -> Any:
+        from ..replicate import ConnectOptions
+
+        return f(*args, ssh=ConnectOptions(destination=destination, identity=identity, known_hosts=known_hosts,
+                                           accept_new_host_key=accept_new_host_key, remote_command=remote_command,
+                                           bwlimit=parse_rate(bwlimit)), **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper

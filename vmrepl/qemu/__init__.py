@@ -6,11 +6,7 @@ Both raise errors of vmrepl.errors; a failure of a QEMU tool that fits no other 
 
 from __future__ import annotations
 
-from ..errors import VmreplError
+from ..errors import QemuError
 from ..extents import Extent
 
 __all__ = ["Extent", "QemuError"]
-
-
-class QemuError(VmreplError):
-    """qemu-img or qemu-storage-daemon refused or failed (on either host); the message quotes QEMU."""

@@ -201,6 +201,22 @@ class StorageDaemon:
             raise QemuError(f"cannot connect to NBD export {export}: {err.string}", hint="see QEMU's message") from None
         return h
 
+    def reader(self, path: str | os.PathLike[str], *, backing: bool = True, bitmaps: Iterable[str] = (),
+               meta_contexts: Iterable[str] = ()) -> Export:
+        """Open `path` read-only, export it and connect: the usual way to read an image or its bitmaps.
+        `Export.close()` (or leaving its `with`) takes it all down again."""
+        node = self.add_image(path, backing=backing)
+        try:
+            export = self.export(node, bitmaps=bitmaps)
+            try:
+                return Export(self, node, export, self.connect(export, meta_contexts=meta_contexts))
+            except BaseException:
+                self.remove_export(export)
+                raise
+        except BaseException:
+            self.remove_image(node)
+            raise
+
     def block_bitmaps(self, node: str) -> list[dict[str, Any]]:
         """The dirty bitmaps of one node (not of its backing files): `name`, `recording`, `persistent`,
         `inconsistent` (QEMU found the in-use flag: it was not closed cleanly), `granularity`, `count`."""
@@ -227,6 +243,25 @@ class StorageDaemon:
             if lines:
                 return lines[-1]
         return "no message"
+
+
+class Export:
+    """A connected NBD export of one node of a StorageDaemon; `nbd` is the libnbd handle."""
+
+    def __init__(self, daemon: StorageDaemon, node: str, export: str, handle: nbd.NBD) -> None:
+        self.daemon, self.node, self.export, self.nbd = daemon, node, export, handle
+
+    def __enter__(self) -> Export:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(nbd.Error):
+            self.nbd.shutdown()
+        self.daemon.remove_export(self.export)
+        self.daemon.remove_image(self.node)
 
 
 def iter_block_status(h: nbd.NBD, context: str, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, int]]:

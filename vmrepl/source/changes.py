@@ -17,8 +17,7 @@ from ..catalog import Catalog, Snapshot
 from ..errors import ChangeTrackingError
 from ..extents import Extent, clip, union
 from ..qemu import img
-from ..qemu.storage_daemon import (ALLOCATION, StorageDaemon, allocation_extents, dirty_bitmap_context,
-                                   dirty_extents)
+from ..qemu.storage_daemon import ALLOCATION, StorageDaemon, allocation_extents, dirty_bitmap_context, dirty_extents
 from .domain import BITMAP
 
 log = logging.getLogger(__name__)
@@ -69,19 +68,27 @@ def disk_changes(catalog: Catalog, daemon: StorageDaemon, since: Snapshot | None
                        fallbacks=fallbacks)
 
 
+def full_disk_changes(daemon: StorageDaemon, until: Snapshot, target: str, *, reason: str) -> DiskChanges:
+    """Every byte of the disk, as data or zero extents: correct over any base, for when tracking cannot say."""
+    layer = until.disk(target)
+    note = f"{reason}: sending disk {target} whole (zeros as markers)"
+    log.warning("%s", note)
+    return DiskChanges(target=target, image=layer.image, virtual_size=layer.virtual_size, base_image=None,
+                       extents=_split_zero(daemon, layer.image, [Extent(0, layer.virtual_size, False)],
+                                           layer.virtual_size, drop_zero=False),
+                       fallbacks=[note])
+
+
 def _bitmap_extents(catalog: Catalog, daemon: StorageDaemon, path: str) -> list[Extent] | None:
     """The layer's dirty extents, or None when its bitmap cannot be trusted."""
     if catalog.layer_tracking(path) != "bitmap":
         return None
-    node = daemon.add_image(path, backing=False)
-    bitmap = next((b for b in daemon.block_bitmaps(node) if b["name"] == BITMAP), None)
-    if bitmap is None or bitmap["inconsistent"]:
-        return None
-    handle = daemon.connect(daemon.export(node, bitmaps=[BITMAP]), meta_contexts=[dirty_bitmap_context(BITMAP)])
     try:
-        return dirty_extents(handle, BITMAP)
-    finally:
-        handle.shutdown()
+        export = daemon.reader(path, backing=False, bitmaps=[BITMAP], meta_contexts=[dirty_bitmap_context(BITMAP)])
+    except ChangeTrackingError:  # missing, or QEMU marks it inconsistent
+        return None
+    with export:
+        return dirty_extents(export.nbd, BITMAP)
 
 
 def _split_zero(daemon: StorageDaemon, image: str, written: list[Extent], size: int, *,
@@ -90,9 +97,6 @@ def _split_zero(daemon: StorageDaemon, image: str, written: list[Extent], size: 
     written = clip(written, size)
     if not written:
         return []
-    handle = daemon.connect(daemon.export(daemon.add_image(image, backing=True)), meta_contexts=[ALLOCATION])
-    try:
-        pieces = [piece for extent in written for piece in allocation_extents(handle, extent.offset, extent.length)]
-    finally:
-        handle.shutdown()
+    with daemon.reader(image, meta_contexts=[ALLOCATION]) as export:
+        pieces = [piece for extent in written for piece in allocation_extents(export.nbd, extent.offset, extent.length)]
     return union(p for p in pieces if not (drop_zero and p.zero))

@@ -1,0 +1,203 @@
+"""The sender's side of a session: plan against what the destination holds, then stream each snapshot.
+
+For each planned step the changed extents of every disk come from the dirty bitmaps (source/changes.py);
+a small thread pool reads them over NBD and compresses them (zstd and libnbd release the GIL) while the
+main thread writes the finished frames in order, so reading, compressing and sending overlap and memory
+stays bounded by the frames in flight.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import plan as planner
+from .catalog import Catalog, Snapshot
+from .errors import ChangeTrackingError, TransportError, VmreplError
+from .extents import Extent, split, total_length
+from .qemu.storage_daemon import Export, StorageDaemon, pread
+from .source.changes import DiskChanges, disk_changes, full_disk_changes
+from .transport import Connection, connect
+from .wire import (DiskInfo, EncodedData, End, FrameReader, FrameWriter, Hello, Ok, ReceiverHello, SnapshotHeader,
+                   VerifyReply, VerifyRequest, encode_data)
+
+FRAMES_IN_FLIGHT = 8   # 8 x 4 MiB read-ahead: enough to keep the link busy, bounded whatever the disk size
+WORKERS = 2
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    destination: str
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    accept_new_host_key: bool = False
+    remote_command: str = "vmrepl receive"
+    bwlimit: int | None = None
+
+
+@dataclass(frozen=True)
+class Sent:
+    id: str
+    name: str
+    base: str | None
+    bytes_changed: int
+    bytes_sent: int
+    seconds: float
+    position: str
+    notes: tuple[str, ...]
+
+    def as_json(self) -> dict:
+        return {"id": self.id, "name": self.name, "base": self.base, "bytes_changed": self.bytes_changed,
+                "bytes_sent": self.bytes_sent, "seconds": round(self.seconds, 3), "position": self.position}
+
+
+class Session:
+    """One ssh session to `vmrepl receive` for one VM: hello, then transfers or verify requests."""
+
+    def __init__(self, catalog: Catalog, vm_uuid: str, options: ConnectOptions) -> None:
+        self.catalog = catalog
+        self.vm_uuid = vm_uuid
+        self.vm_name = next(name for uuid, name in catalog.vms() if uuid == vm_uuid)
+        self.options = options
+        self.conn: Connection | None = None
+        self.sent_ids: set[str] = set()
+
+    def __enter__(self) -> Session:
+        o = self.options
+        self.conn = connect(o.destination, identity=o.identity, known_hosts=o.known_hosts,
+                            accept_new_host_key=o.accept_new_host_key, remote_command=o.remote_command,
+                            bwlimit=o.bwlimit)
+        self.writer = FrameWriter(self.conn.writer)
+        self.reader = FrameReader(self.conn.reader, peer="destination")
+        self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name)))
+        self.held: ReceiverHello = self._guard(lambda: self.reader.expect(ReceiverHello))
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        assert self.conn is not None
+        try:
+            if exc_type is None:
+                self._guard(lambda: self.writer.write(End()))
+        finally:
+            self.conn.close()
+
+    def _guard(self, action: Callable):  # type: ignore[no-untyped-def]
+        """Run a wire action; when the channel breaks, prefer the destination's own ERROR frame."""
+        try:
+            return action()
+        except (TransportError, OSError) as err:
+            assert self.conn is not None
+            try:
+                self.reader.read()  # raises the destination's ERROR as its own class, if it sent one
+            except VmreplError as remote:
+                if not isinstance(remote, TransportError):
+                    raise remote from None
+            except Exception:  # noqa: BLE001 - the original failure below says more
+                pass
+            raise err if isinstance(err, VmreplError) else self.conn.failure("sending") from err
+
+    # --- planning ------------------------------------------------------------------------------
+
+    def plan(self, *, want: list[str] | None, latest_first: bool) -> list[planner.Step]:
+        lineage = [planner.SourceSnapshot(id=s.id, parent=s.parent, created_ns=s.created_ns, generation=s.generation,
+                                          vm=s.vm_uuid, name=s.name)
+                   for s in self.catalog.snapshots(self.vm_uuid)]
+        held = [planner.HeldSnapshot(id=h.id, created_ns=h.created_ns, generation=h.generation,
+                                     name=self._name(h.id)) for h in self.held.snapshots]
+        return planner.plan(lineage, held, want=want, latest_first=latest_first)
+
+    def _name(self, snapshot_id: str) -> str:
+        snap = self.catalog.find_snapshot(snapshot_id)
+        return snap.name if snap else ""
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def send(self, step: planner.Step, daemon: StorageDaemon, pool: ThreadPoolExecutor) -> Sent:
+        started = time.monotonic()
+        snap = self.catalog.find_snapshot(step.snapshot)
+        base = self.catalog.find_snapshot(step.base) if step.base else None
+        assert snap is not None
+        partial = self.held.partial
+        resume = dict(partial.disks) if partial and partial.snapshot == snap.id and partial.base == step.base else {}
+        changes = [self._changes(daemon, base, snap, d.target) for d in snap.disks]
+        header = SnapshotHeader(id=snap.id, name=snap.name, parent=snap.parent, base=step.base,
+                                created_ns=snap.created_ns, generation=snap.generation, definition=snap.definition,
+                                disks=tuple(DiskInfo(c.target, c.virtual_size, 65536) for c in changes),
+                                resume={t: o for t, o in resume.items() if o > 0})
+        sent_before = self.writer.bytes_written
+        todo = sum(total_length(_after(c.extents, header.resume.get(c.target, 0)), zero=False) for c in changes)
+        with tqdm(total=todo, unit="B", unit_scale=True, desc=snap.name, disable=not sys.stderr.isatty(),
+                  leave=False) as bar:
+            self._guard(lambda: self.writer.write(header))
+            for c in changes:
+                self._guard(lambda c=c: self._stream_disk(daemon, pool, c, header.resume.get(c.target, 0), bar))
+            self._guard(self.writer.trailer)
+        self._guard(lambda: self.reader.expect(Ok))
+        self.held = ReceiverHello(snapshots=self.held.snapshots, partial=None)
+        self.sent_ids.add(snap.id)
+        return Sent(id=snap.id, name=snap.name, base=step.base, bytes_changed=sum(c.bytes_changed for c in changes),
+                    bytes_sent=self.writer.bytes_written - sent_before, seconds=time.monotonic() - started,
+                    position=step.position, notes=tuple(n for c in changes for n in c.fallbacks))
+
+    def _changes(self, daemon: StorageDaemon, base: Snapshot | None, snap: Snapshot, target: str) -> DiskChanges:
+        try:
+            return disk_changes(self.catalog, daemon, base, snap, target)
+        except ChangeTrackingError as err:
+            return full_disk_changes(daemon, snap, target, reason=str(err))
+
+    def _stream_disk(self, daemon: StorageDaemon, pool: ThreadPoolExecutor, changes: DiskChanges, start: int,
+                     bar: tqdm) -> None:
+        in_flight: deque[Future[EncodedData]] = deque()
+
+        def drain(keep: int) -> None:
+            while len(in_flight) > keep:
+                frame = in_flight.popleft().result()
+                self.writer.write_encoded(frame)
+                bar.update(frame.length)
+
+        with daemon.reader(changes.image) as export:
+            try:
+                for piece in split(_after(changes.extents, start)):
+                    if piece.zero:
+                        drain(0)  # frames go out in offset order
+                        self.writer.zero(piece.offset, piece.length)
+                    else:
+                        in_flight.append(pool.submit(_read_encoded, export, piece))
+                        drain(FRAMES_IN_FLIGHT)
+                drain(0)
+            finally:
+                for future in in_flight:
+                    future.cancel()
+                for future in in_flight:
+                    if not future.cancelled():
+                        future.exception()  # let running reads finish before the export goes
+        self.writer.end_disk()
+
+    # --- verify --------------------------------------------------------------------------------
+
+    def remote_digests(self, snapshot_ids: list[str]) -> dict[str, dict[str, str] | None]:
+        self._guard(lambda: self.writer.write(VerifyRequest(tuple(snapshot_ids))))
+        reply: VerifyReply = self._guard(lambda: self.reader.expect(VerifyReply))
+        return reply.digests
+
+
+def _read_encoded(export: Export, piece: Extent) -> EncodedData:
+    return encode_data(piece.offset, pread(export.nbd, piece.offset, piece.length))
+
+
+def _after(extents: list[Extent], start: int) -> Iterator[Extent]:
+    """The parts of `extents` at or after `start` (a resumed disk)."""
+    for e in extents:
+        if e.end <= start:
+            continue
+        if e.offset < start:
+            yield Extent(start, e.end - start, e.zero)
+        else:
+            yield e

@@ -1,0 +1,162 @@
+"""`vmrepl receive`: the destination's end of a session, speaking the stream on stdin/stdout.
+
+It answers the sender's hello with what it holds of the VM (and a resumable partial transfer), then
+stores each snapshot as one new layer per disk, backed by the base snapshot's layer of that disk, and
+commits it (sink/store.py gives the order). Progress is made durable every PROGRESS_BYTES, so a
+dropped transfer resumes from there. Anything that is not the protocol ends the session with one
+ERROR frame; nothing half-received is ever visible.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from ..catalog import Catalog, Layer, Snapshot
+from ..digest import image_digest
+from ..errors import ProtocolError, SinkError, VmreplError
+from ..qemu import img
+from ..qemu.storage_daemon import StorageDaemon
+from ..state import vm_lock
+from ..wire import (Data, DiskEnd, End, Error, FrameReader, FrameWriter, HeldSnapshot, Hello, Ok, Partial,
+                    ReceiverHello, SnapshotHeader, Trailer, VerifyReply, VerifyRequest, Zero)
+from .layer import LayerWriter, partial_path
+from .store import Progress, Store
+
+PROGRESS_BYTES = 256 << 20   # a resume point (flush + progress file) every this many bytes received
+PROGRESS_SECONDS = 10.0      # ... or this often, whichever comes first
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO, state_dir: Path) -> None:
+    """Run one session; a failure is sent to the sender as an ERROR frame, then raised."""
+    reader = FrameReader(stdin, peer="sender")
+    writer = FrameWriter(stdout)
+    try:
+        hello = reader.expect(Hello)
+        with Catalog(state_dir) as catalog, vm_lock(state_dir, hello.vm_uuid), StorageDaemon() as daemon:
+            _Session(reader, writer, Store(state_dir, catalog), daemon, hello).run()
+    except VmreplError as err:
+        try:
+            writer.write(Error.from_exception(err))
+        except (OSError, VmreplError):
+            pass  # the sender is gone; our own exit status and stderr still tell
+        raise
+
+
+class _Session:
+    def __init__(self, reader: FrameReader, writer: FrameWriter, store: Store, daemon: StorageDaemon,
+                 hello: Hello) -> None:
+        self.reader, self.writer, self.store, self.daemon = reader, writer, store, daemon
+        self.vm_uuid, self.vm_name = hello.vm_uuid, hello.vm_name
+
+    def run(self) -> None:
+        held = self.store.held(self.vm_uuid)
+        self.writer.write(ReceiverHello(
+            snapshots=tuple(HeldSnapshot(s.id, s.parent, s.created_ns, s.generation) for s in held),
+            partial=self._partial()))
+        while True:
+            message = self.reader.read()
+            if isinstance(message, SnapshotHeader):
+                self._receive(message)
+                self.writer.write(Ok(message.id))
+            elif isinstance(message, VerifyRequest):
+                self.writer.write(VerifyReply({sid: self._digests(sid) for sid in message.snapshots}))
+            elif isinstance(message, End):
+                return
+            elif isinstance(message, Error):
+                raise message.exception("sender")
+            else:
+                raise ProtocolError(f"stream corrupt: unexpected {type(message).__name__} frame between snapshots")
+
+    def _partial(self) -> Partial | None:
+        """The interrupted transfer, with each disk whose layer is already complete reported as done."""
+        progress = self.store.partial(self.vm_uuid)
+        if progress is None:
+            return None
+        offsets = dict(progress.offsets)
+        for target in list(offsets):
+            final = self.store.layer_path(self.vm_uuid, target, progress.snapshot_id)
+            if final.exists():
+                offsets[target] = img.info(final)["virtual-size"]
+            elif not partial_path(final).exists():
+                offsets[target] = 0
+        return Partial(progress.snapshot_id, progress.base_id, offsets)
+
+    def _receive(self, header: SnapshotHeader) -> None:
+        catalog = self.store.catalog
+        if catalog.find_snapshot(header.id) is not None:
+            raise SinkError(f"snapshot {header.name} is already held here", hint="nothing to send")
+        base = catalog.find_snapshot(header.base) if header.base else None
+        if header.base and base is None:
+            raise SinkError(f"base snapshot {header.base} of {header.name} is not held here",
+                            hint="replicate again: the sender will choose another base")
+        progress = self.store.partial(self.vm_uuid)
+        resuming = bool(header.resume)
+        if progress and (not resuming or progress.snapshot_id != header.id or progress.base_id != header.base):
+            self.store.drop_partial(self.vm_uuid, progress.snapshot_id)
+            progress = None
+        if resuming and progress is None:
+            raise ProtocolError(f"the sender resumes {header.name}, but no partial transfer of it is here")
+        offsets = dict(progress.offsets) if progress else {}
+        layers = []
+        for disk in header.disks:
+            final = self.store.layer_path(self.vm_uuid, disk.target, header.id)
+            backing = Path(base.disk(disk.target).image) if base and disk.target in {d.target for d in base.disks} \
+                else None
+            start = header.resume.get(disk.target, 0)
+            if final.exists() and start < disk.virtual_size:
+                final.unlink()  # a complete layer of an uncommitted earlier attempt: no row names it
+            if final.exists():
+                self._skip_disk(disk.target)
+            else:
+                resume = start > 0 and partial_path(final).exists()
+                writer = LayerWriter.resume(final, daemon=self.daemon) if resume else \
+                    LayerWriter(final, backing=backing, virtual_size=disk.virtual_size, daemon=self.daemon,
+                                keep_partial=True)
+                with writer:
+                    self._receive_disk(header, disk.target, writer, offsets)
+                    writer.commit()
+                offsets[disk.target] = disk.virtual_size
+                self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
+            layers.append(Layer(disk.target, str(final), disk.virtual_size))
+        self.reader.expect(Trailer)  # the reader checks the whole-stream digest
+        self.store.commit(Snapshot(id=header.id, vm_uuid=self.vm_uuid, vm_name=self.vm_name, name=header.name,
+                                   parent=header.parent, created_ns=header.created_ns,
+                                   generation=header.generation, origin="received", disks=tuple(layers),
+                                   definition=header.definition))
+
+    def _receive_disk(self, header: SnapshotHeader, target: str, writer: LayerWriter,
+                      offsets: dict[str, int]) -> None:
+        unsaved, last_save = 0, time.monotonic()
+        while True:
+            frame = self.reader.read()
+            if isinstance(frame, Data):
+                writer.write(frame.offset, frame.data)
+                unsaved += len(frame.data)
+                end = frame.offset + len(frame.data)
+            elif isinstance(frame, Zero):
+                writer.write_zeroes(frame.offset, frame.length)
+                end = frame.offset + frame.length
+            elif isinstance(frame, DiskEnd):
+                return
+            elif isinstance(frame, Error):
+                raise frame.exception("sender")
+            else:
+                raise ProtocolError(f"stream corrupt: unexpected {type(frame).__name__} frame in disk {target}")
+            if unsaved >= PROGRESS_BYTES or time.monotonic() - last_save >= PROGRESS_SECONDS:
+                writer.flush()
+                offsets[target] = end
+                self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
+                unsaved, last_save = 0, time.monotonic()
+
+    def _skip_disk(self, target: str) -> None:
+        frame = self.reader.read()
+        if not isinstance(frame, DiskEnd):
+            raise ProtocolError(f"stream corrupt: data sent for disk {target}, which arrived complete before")
+
+    def _digests(self, snapshot_id: str) -> dict[str, str] | None:
+        snap = self.store.catalog.find_snapshot(snapshot_id)
+        if snap is None:
+            return None
+        return {layer.target: image_digest(layer.image, daemon=self.daemon) for layer in snap.disks}
