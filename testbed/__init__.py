@@ -35,10 +35,9 @@ def run(argv: Sequence[str | os.PathLike], *, check: bool = True, **kwargs) -> s
 
 
 def pid_alive(pid: int) -> bool:
+    """True while the process runs; a zombie counts as gone (nothing here may reap it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
