@@ -1,0 +1,148 @@
+"""Replication end to end to the second host over ssh (issue 5): real VM, real sshd, real qcow2 chains."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from testbed import VMREPL
+from vmrepl.qemu import img
+
+MiB = 1 << 20
+
+
+def replicate_args(host, dst_state: Path) -> list[str]:
+    return ["--to", host.destination, "--identity", str(host.identity), "--known-hosts", str(host.known_hosts),
+            "--remote-command", f"{VMREPL} receive --state-dir {dst_state}"]
+
+
+def replicate(run_vmrepl, host, src_state: Path, dst_state: Path, vm, *extra: str) -> list[dict]:
+    out = run_vmrepl("replicate", vm.name, "--json", *replicate_args(host, dst_state), *extra, state_dir=src_state)
+    return json.loads(out.stdout)
+
+
+def listing(run_vmrepl, state: Path, vm) -> list[dict]:
+    return json.loads(run_vmrepl("list", vm.name, "--json", state_dir=state).stdout)
+
+
+def write_random(vm, target: str, offset: int, length: int) -> None:
+    """Incompressible data into the running VM's disk (qemu-io `write -s FILE`)."""
+    source = vm.dir / f"random-{offset}-{length}.bin"
+    source.write_bytes(os.urandom(length))
+    source.chmod(0o644)
+    vm.write_file(target, offset, source)
+    source.unlink()
+
+
+def assert_destination_matches(run_vmrepl, src_state: Path, dst_state: Path, vm) -> None:
+    """Every destination snapshot reads as its source snapshot; every layer is a clean qcow2."""
+    source = {s["id"]: s for s in listing(run_vmrepl, src_state, vm)}
+    held = listing(run_vmrepl, dst_state, vm)
+    assert held, "the destination holds nothing"
+    for snap in held:
+        mine = source[snap["id"]]
+        assert (snap["generation"], snap["created_ns"], snap["parent"]) == \
+            (mine["generation"], mine["created_ns"], mine["parent"])
+        theirs = {d["target"]: d["image"] for d in snap["disks"]}
+        for disk in mine["disks"]:
+            layer = theirs[disk["target"]]
+            assert img.compare(disk["image"], layer), f"{snap['name']} {disk['target']} differs"
+            report = img.check(layer)
+            assert not report.get("corruptions") and not report.get("leaks") and not report.get("check-errors")
+            chain = img.info(layer, chain=True)
+            assert all(entry["format"] == "qcow2" for entry in chain)
+            assert Path(layer).is_relative_to(dst_state)
+
+
+def test_five_rounds_on_a_running_two_disk_vm(make_vm, second_host, src_state, dst_state, run_vmrepl):
+    vm = make_vm({"vda": 64 * MiB, "vdb": 32 * MiB})
+    rng = random.Random(7)
+    sent_ids = []
+    for round_ in range(5):
+        for _ in range(6):
+            disk, size = rng.choice([("vda", 64 * MiB), ("vdb", 32 * MiB)])
+            length = rng.choice([4096, 65536, 300_000, MiB])
+            vm.write_pattern(disk, rng.randrange(0, size - length, 512), length, rng.randrange(1, 256))
+        write_random(vm, "vda", rng.randrange(0, 60 * MiB, 4096), 256 * 1024)
+        vm.write_zeroes("vdb", rng.randrange(0, 30 * MiB, 65536), MiB)
+        snap = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
+        result = replicate(run_vmrepl, second_host, src_state, dst_state, vm)
+        assert [r["id"] for r in result] == [snap["id"]]
+        assert result[0]["base"] == (sent_ids[-1] if sent_ids else None)
+        assert result[0]["position"] == "append"
+        sent_ids.append(snap["id"])
+        assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
+    assert [s["id"] for s in listing(run_vmrepl, dst_state, vm)] == sent_ids
+    assert replicate(run_vmrepl, second_host, src_state, dst_state, vm) == []  # nothing left: a no-op
+    run_vmrepl("verify", vm.name, *replicate_args(second_host, dst_state), state_dir=src_state)
+    status = json.loads(run_vmrepl("status", "--json", state_dir=src_state).stdout)
+    (target,) = status["vms"][0]["targets"]
+    assert target["anchor"] == sent_ids[-1] and target["last_result"] == "ok"
+
+
+def test_bytes_sent_follow_the_changed_bytes(make_vm, second_host, src_state, dst_state, run_vmrepl):
+    vm = make_vm({"vda": 128 * MiB})
+    for i in range(8):
+        write_random(vm, "vda", i * 8 * MiB, 2 * MiB)
+    run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    replicate(run_vmrepl, second_host, src_state, dst_state, vm)
+
+    changed = 0
+    for i in range(16):  # 16 scattered incompressible extents, some overwriting old data
+        write_random(vm, "vda", i * 7 * MiB + 65536, 512 * 1024)
+        changed += 512 * 1024
+    run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    (delta,) = replicate(run_vmrepl, second_host, src_state, dst_state, vm)
+    assert changed <= delta["bytes_changed"] <= changed + 32 * 65536
+    assert delta["bytes_sent"] <= 1.02 * delta["bytes_changed"] + 64 * 1024, delta
+
+    vm.write_zeroes("vda", 0, 32 * MiB)  # zeros over data: a change that costs almost nothing
+    run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    (zeros,) = replicate(run_vmrepl, second_host, src_state, dst_state, vm)
+    assert zeros["bytes_changed"] >= 32 * MiB
+    assert zeros["bytes_sent"] < 0.01 * 32 * MiB, zeros
+    assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
+
+
+def test_shut_off_vm_and_dry_run(make_vm, second_host, src_state, dst_state, run_vmrepl):
+    vm = make_vm(start=False)
+    vm.write_pattern("vda", 5 * MiB, MiB, 0x42)
+    first = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
+    vm.write_pattern("vdb", 0, 65536, 0x43)
+    second = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
+    plan = json.loads(run_vmrepl("replicate", vm.name, "--json", "--dry-run",
+                                 *replicate_args(second_host, dst_state), state_dir=src_state).stdout)
+    assert [(p["id"], p["base"], p["position"]) for p in plan] == \
+        [(first["id"], None, "append"), (second["id"], first["id"], "append")]
+    assert run_vmrepl("list", vm.name, state_dir=dst_state, check=False).returncode == 1  # a dry run sends nothing
+    result = replicate(run_vmrepl, second_host, src_state, dst_state, vm)
+    assert [r["id"] for r in result] == [first["id"], second["id"]]
+    assert result[1]["bytes_sent"] < 20 * 1024  # 64 KiB of a repeated byte, compressed
+    assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
+    definition = dst_state / "vms" / vm.uuid / "definitions" / f"{second['id']}.xml"
+    assert vm.name in definition.read_text()
+
+
+def test_verify_names_the_snapshot_and_disk_that_differ(make_vm, second_host, src_state, dst_state, run_vmrepl):
+    vm = make_vm()
+    vm.write_pattern("vdb", MiB, MiB, 0x11)
+    snap = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
+    replicate(run_vmrepl, second_host, src_state, dst_state, vm)
+    layer = next(d["image"] for d in listing(run_vmrepl, dst_state, vm)[0]["disks"] if d["target"] == "vdb")
+    os.system(f"qemu-io -f qcow2 -c 'write -P 0x12 {MiB} 4096' {layer} >/dev/null")  # rot on the destination
+    result = run_vmrepl("verify", vm.name, *replicate_args(second_host, dst_state), state_dir=src_state, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"vmrepl: 1 disk(s) differ on {second_host.destination}: {snap['name']} disk vdb;"
+                                     " replicate those snapshots again, or investigate the destination's storage")
+
+
+@pytest.mark.parametrize("bad", ["root@", "root@host:notaport", "[::1"])
+def test_bad_destination_is_a_usage_error(make_vm, src_state, run_vmrepl, bad):
+    vm = make_vm(start=False)
+    run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    result = run_vmrepl("replicate", vm.name, "--to", bad, state_dir=src_state, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
