@@ -112,6 +112,12 @@ class VM:
         """Write zeroes to [offset, offset+length) of the disk (a zero write, not data)."""
         self._qemu_io(target, offset, length, f"write -z {offset} {length}")
 
+    def write_file(self, target: str, offset: int, source: Path) -> None:
+        """Copy the file `source` to `offset` of the disk (e.g. incompressible data); QEMU reads the
+        file itself, so it must be readable by the libvirt-qemu user."""
+        length = source.stat().st_size
+        self._qemu_io(target, offset, length, f"write -s {source} {offset} {length}")
+
     def remove(self) -> None:
         """Destroy and undefine the domain (with its snapshot and checkpoint metadata), delete its files."""
         remove_domain(self.conn, self.name)

@@ -48,9 +48,9 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     hook_env = {"VMREPL_VM": vm_name, "VMREPL_VM_UUID": vm_uuid, "VMREPL_SNAPSHOT": snapshot_id,
                 "VMREPL_SNAPSHOT_NAME": name}
 
-    run_hooks(hooks_dir, "pre-snapshot", hook_env)
     result = "failed"
     try:
+        run_hooks(hooks_dir, "pre-snapshot", hook_env)
         tracking = _prepare_tracking(dom, disks) if running else _offline_tracking(disks)
         _create(dom, disks, overlays, name, snapshot_id, generation, running=running, quiesce=quiesce)
         if not running:
