@@ -1,14 +1,17 @@
 """`vmrepl receive`: the destination's end of a session, speaking the stream on stdin/stdout.
 
 It answers the sender's hello with what it holds of the VM (and a resumable partial transfer), then
-stores each snapshot as one new layer per disk, backed by the base snapshot's layer of that disk, and
-commits it (sink/store.py gives the order). Progress is made durable every PROGRESS_BYTES, so a
-dropped transfer resumes from there. Anything that is not the protocol ends the session with one
-ERROR frame; nothing half-received is ever visible.
+stores each snapshot as one new layer per disk, backed by the base snapshot's layer of that disk,
+keeping only the clusters that differ from what the base reads (sink/chain.py, DeltaFilter), and
+commits it (sink/store.py gives the order). A snapshot older than one held here is then grafted in
+below it (sink/chain.py); an insertion a crash interrupted is finished when the next session opens.
+Progress is made durable every PROGRESS_BYTES, so a dropped transfer resumes from there. Anything
+that is not the protocol ends the session with one ERROR frame; nothing half-received is ever visible.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -21,6 +24,7 @@ from ..qemu.storage_daemon import StorageDaemon
 from ..state import vm_lock
 from ..wire import (Data, DiskEnd, End, Error, FrameReader, FrameWriter, HeldSnapshot, Hello, Ok, Partial,
                     ReceiverHello, SnapshotHeader, Trailer, VerifyReply, VerifyRequest, Zero)
+from . import chain
 from .layer import LayerWriter, partial_path
 from .store import Progress, Store
 
@@ -51,6 +55,7 @@ class _Session:
         self.vm_uuid, self.vm_name = hello.vm_uuid, hello.vm_name
 
     def run(self) -> None:
+        chain.finish_insertions_or_warn(self.store, self.daemon, self.vm_uuid)
         held = self.store.held(self.vm_uuid)
         self.writer.write(ReceiverHello(
             snapshots=tuple(HeldSnapshot(s.id, s.parent, s.created_ns, s.generation) for s in held),
@@ -114,25 +119,30 @@ class _Session:
                 writer = LayerWriter.resume(final, daemon=self.daemon) if resume else \
                     LayerWriter(final, backing=backing, virtual_size=disk.virtual_size, daemon=self.daemon,
                                 keep_partial=True)
-                with writer:
-                    self._receive_disk(header, disk.target, writer, offsets)
+                with writer, contextlib.ExitStack() as stack:
+                    delta = None if writer.backing is None else \
+                        chain.DeltaFilter(stack.enter_context(self.daemon.reader(writer.backing)).nbd)
+                    self._receive_disk(header, disk.target, writer, delta, offsets)
                     writer.commit()
                 offsets[disk.target] = disk.virtual_size
                 self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
             layers.append(Layer(disk.target, str(final), disk.virtual_size))
         self.reader.expect(Trailer)  # the reader checks the whole-stream digest
-        self.store.commit(Snapshot(id=header.id, vm_uuid=self.vm_uuid, vm_name=self.vm_name, name=header.name,
-                                   parent=header.parent, created_ns=header.created_ns,
-                                   generation=header.generation, origin="received", disks=tuple(layers),
-                                   definition=header.definition))
+        snap = Snapshot(id=header.id, vm_uuid=self.vm_uuid, vm_name=self.vm_name, name=header.name,
+                        parent=header.parent, created_ns=header.created_ns, generation=header.generation,
+                        origin="received", disks=tuple(layers), definition=header.definition)
+        upper = chain.successor(self.store.held(self.vm_uuid), snap)
+        self.store.commit(snap, insert_below=upper.id if upper and chain.rebase_pairs(upper, snap) else None)
+        chain.finish_insertions_or_warn(self.store, self.daemon, self.vm_uuid)
 
     def _receive_disk(self, header: SnapshotHeader, target: str, writer: LayerWriter,
-                      offsets: dict[str, int]) -> None:
+                      delta: chain.DeltaFilter | None, offsets: dict[str, int]) -> None:
         unsaved, last_save = 0, time.monotonic()
         while True:
             frame = self.reader.read()
             if isinstance(frame, Data):
-                writer.write(frame.offset, frame.data)
+                for offset, piece in delta.changed(frame.offset, frame.data) if delta else [(frame.offset, frame.data)]:
+                    chain.store_piece(writer, offset, piece)
                 unsaved += len(frame.data)
                 end = frame.offset + len(frame.data)
             elif isinstance(frame, Zero):

@@ -4,12 +4,14 @@
     STATE/vms/VM_UUID/disks/TARGET/.SNAPSHOT_ID.qcow2.partial being received (invisible)
     STATE/vms/VM_UUID/incoming/SNAPSHOT_ID.json               progress of a partial transfer (resume)
     STATE/vms/VM_UUID/definitions/SNAPSHOT_ID.xml             the VM definition at that snapshot
+    STATE/vms/VM_UUID/inserting/UPPER_ID.json                 an insertion to finish (sink/chain.py)
 
 Commit order of a snapshot (docs/FORMAT.md, "Committing a snapshot"): every disk's partial layer is
 complete and its digest checked -> each is flushed, fsynced and renamed to its final name -> the
-definition is written durably -> one catalog transaction adds the snapshot and its layers -> the
-progress file goes. Only a catalog row makes a snapshot visible; a crash before it leaves files that no
-row names, which the next receive of that snapshot replaces.
+definition is written durably -> the insertion marker, when the snapshot lands below a held one ->
+one catalog transaction adds the snapshot and its layers -> the progress file goes. Only a catalog row
+makes a snapshot visible; a crash before it leaves files that no row names, which the next receive of
+that snapshot replaces, and a marker naming an uncatalogued snapshot, which the next session drops.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..catalog import Catalog, Layer, Snapshot
-from ..errors import ProtocolError
+from ..errors import ProtocolError, VmreplError
 from ..names import safe_name
 from ..state import fsync_dir, write_file_durably
+from .chain import crash_point
 
 
 @dataclass(frozen=True)
@@ -82,19 +85,52 @@ class Store:
 
     # --- commit ----------------------------------------------------------------------------------
 
-    def commit(self, snap: Snapshot) -> None:
-        """Make a received snapshot visible: its layers are already at their final names, durable."""
+    def commit(self, snap: Snapshot, *, insert_below: str | None = None) -> None:
+        """Make a received snapshot visible: its layers are already at their final names, durable.
+        `insert_below`: the held snapshot whose layers are to be rebuilt onto this one's; its marker
+        is durable before the catalog row, so a crash after the row still finishes the insertion."""
         for layer in snap.disks:
             if not Path(layer.image).is_file():
                 raise ProtocolError(f"layer {layer.image} of snapshot {snap.name} is missing at commit")
         definitions = self.vm_dir(snap.vm_uuid) / "definitions"
         definitions.mkdir(parents=True, exist_ok=True)
         write_file_durably(definitions / f"{snap.id}.xml", snap.definition.encode())
+        if insert_below is not None:
+            write_file_durably(self._insertion_path(snap.vm_uuid, insert_below),
+                               json.dumps({"upper": insert_below, "lower": snap.id}).encode())
+        crash_point("before-catalog")
         self.catalog.add_snapshot(snap)
+        crash_point("after-catalog")
         progress = self._progress_path(snap.vm_uuid, snap.id)
         if progress.exists():
             os.unlink(progress)
             fsync_dir(progress.parent)
+
+    # --- insertions ------------------------------------------------------------------------------
+
+    def _insertion_path(self, vm_uuid: str, upper_id: str) -> Path:
+        directory = self.vm_dir(vm_uuid) / "inserting"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{safe_name('snapshot id', upper_id)}.json"
+
+    def insertions(self, vm_uuid: str) -> list[tuple[str, str]]:
+        """(upper, lower) snapshot ids of each insertion not finished yet: upper's layers are to be
+        rebuilt onto lower's."""
+        directory = self.vm_dir(vm_uuid) / "inserting"
+        found = []
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                doc = json.loads(path.read_text())
+                found.append((safe_name("snapshot id", doc["upper"]), safe_name("snapshot id", doc["lower"])))
+            except (ValueError, KeyError, TypeError, VmreplError):
+                path.unlink()  # unreadable (never written whole): the chain only stays forked
+        return found
+
+    def drop_insertion(self, vm_uuid: str, upper_id: str) -> None:
+        path = self._insertion_path(vm_uuid, upper_id)
+        if path.exists():
+            path.unlink()
+            fsync_dir(path.parent)
 
     def layers_of(self, snap: Snapshot) -> dict[str, Layer]:
         return {layer.target: layer for layer in snap.disks}

@@ -1,0 +1,268 @@
+"""Late snapshots grafted into the middle of the destination's chains, on real qcow2 files and the real
+`vmrepl receive`: content equal to the source after every step, chains linear, storage as in order,
+and a crash at each step of an insertion leaves readable chains that the next session finishes."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import sqlite3
+import subprocess
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmrepl.extents import Extent, split, total_length, union
+from vmrepl.qemu import img
+from vmrepl.qemu.storage_daemon import StorageDaemon, pread
+from vmrepl.sink.chain import CRASH_ENV, backing_of, own_clusters, rebuild_onto
+from vmrepl.wire import DiskInfo, End, FrameWriter, Hello, SnapshotHeader
+from testbed import VMREPL
+
+MiB = 1 << 20
+CLUSTER = 65536
+SIZE = 8 * MiB
+
+# A write: (offset, length, pattern byte); pattern None writes zeros.
+Write = tuple[int, int, int | None]
+
+
+@dataclass
+class Source:
+    """Source snapshots of one VM as plain qcow2 chains: per disk, file k holds round k's writes and is
+    backed by file k - 1, so file k reads as snapshot k (numbered from 1)."""
+
+    root: Path
+    disks: Sequence[str] = ("vda",)
+    vm_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    count: int = 0
+
+    def image(self, target: str, k: int) -> Path:
+        return self.root / f"{target}-{k}.qcow2"
+
+    def snapshot(self, writes: dict[str, list[Write]]) -> int:
+        self.count += 1
+        k = self.count
+        for target in self.disks:
+            below = self.image(target, k - 1) if k > 1 else None
+            img.create(self.image(target, k), size=SIZE, backing=below and below.name)
+            commands = [f"write -z {o} {n}" if p is None else f"write -P {p} {o} {n}" for o, n, p in writes.get(target, [])]
+            if commands:
+                subprocess.run(["qemu-io", "-f", "qcow2", *(a for c in commands for a in ("-c", c)),
+                                str(self.image(target, k))], check=True, capture_output=True)
+        return k
+
+    def delta(self, target: str, k: int, base: int | None) -> list[Extent]:
+        """What changed from `base` to `k`: every cluster the layers in between hold of their own."""
+        return union(*(own_clusters(self.image(target, j)) for j in range((base or 0) + 1, k + 1)))
+
+    def stream(self, steps: Sequence[tuple[int, int | None]], daemon: StorageDaemon) -> bytes:
+        """One session sending each (snapshot, base) in turn, as `vmrepl replicate` would."""
+        out = io.BytesIO()
+        w = FrameWriter(out)
+        w.write(Hello(self.vm_uuid, "vm"))
+        for k, base in steps:
+            w.write(SnapshotHeader(id=f"s{k}", name=f"snap{k}", parent=f"s{k - 1}" if k > 1 else None,
+                                   base=f"s{base}" if base else None, created_ns=1000 * k, generation=k,
+                                   definition="<domain/>", disks=tuple(DiskInfo(t, SIZE, CLUSTER) for t in self.disks)))
+            for target in self.disks:
+                with daemon.reader(self.image(target, k)) as r:
+                    for piece in split(self.delta(target, k, base)):
+                        if piece.zero:
+                            w.zero(piece.offset, piece.length)
+                        else:
+                            w.data(piece.offset, pread(r.nbd, piece.offset, piece.length))
+                w.end_disk()
+            w.trailer()
+        w.write(End())
+        return out.getvalue()
+
+
+def bases_for(order: Sequence[int]) -> list[tuple[int, int | None]]:
+    """Each arrival's base as the planner picks it on a linear lineage: the youngest held older one."""
+    held: set[int] = set()
+    steps = []
+    for k in order:
+        steps.append((k, max((j for j in held if j < k), default=None)))
+        held.add(k)
+    return steps
+
+
+def receive(dst: Path, stream: bytes, *, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    """One session of the real `vmrepl receive`; `crash_at` kills it (SIGKILL) at that step."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMREPL_")} | ({CRASH_ENV: crash_at} if crash_at else {})
+    return subprocess.run([str(VMREPL), "receive", "--state-dir", str(dst)], input=stream, capture_output=True,
+                          env=env, timeout=120)
+
+
+def layer(dst: Path, src: Source, target: str, k: int) -> Path:
+    return dst / "vms" / src.vm_uuid / "disks" / target / f"s{k}.qcow2"
+
+
+def held(dst: Path, src: Source) -> list[int]:
+    """The snapshots the destination's catalog holds (numbers k of ids `sK`)."""
+    db = sqlite3.connect(dst / "catalog.sqlite")
+    try:
+        return sorted(int(r[0][1:]) for r in db.execute("SELECT id FROM snapshots WHERE vm_uuid = ?", (src.vm_uuid,)))
+    finally:
+        db.close()
+
+
+def assert_destination_sound(dst: Path, src: Source, *, linear: bool = True) -> None:
+    """Every held snapshot reads as its source, every layer checks clean, and (linear) each layer is
+    backed by the layer of the next older held snapshot."""
+    ks = held(dst, src)
+    for target in src.disks:
+        for i, k in enumerate(ks):
+            path = layer(dst, src, target, k)
+            assert img.compare(src.image(target, k), path), f"{target} of snapshot {k} differs from its source"
+            report = img.check(path)
+            assert not (report.get("corruptions") or report.get("leaks") or report.get("check-errors")), report
+            if linear:
+                assert backing_of(path) == (layer(dst, src, target, ks[i - 1]) if i else None), \
+                    f"{target} of {k} is not backed by its predecessor"
+    assert not list((dst / "vms" / src.vm_uuid).glob("inserting/*.json")), "an insertion was left unfinished"
+    assert not list((dst / "vms" / src.vm_uuid).glob("disks/*/.*")), "a hidden temporary file was left behind"
+
+
+def stored_bytes(dst: Path, src: Source) -> int:
+    """Data clusters held by all layers of the destination (zero clusters cost no data)."""
+    return sum(total_length(own_clusters(layer(dst, src, t, k)), zero=False) for t in src.disks for k in held(dst, src))
+
+
+def random_writes(rng: random.Random, n: int) -> list[Write]:
+    out: list[Write] = []
+    for _ in range(n):
+        offset = rng.randrange(0, SIZE - 4096, 512)
+        length = min(rng.choice([4096, 65536, 300_000, MiB]), SIZE - offset)
+        out.append((offset, length, None if rng.random() < 0.2 else rng.randrange(1, 256)))
+    return out
+
+
+@pytest.fixture
+def daemon() -> Iterator[StorageDaemon]:
+    with StorageDaemon() as d:
+        yield d
+
+
+@pytest.fixture
+def source(work_dir: Path) -> Source:
+    src = Source(work_dir / "src")
+    src.root.mkdir()
+    rng = random.Random(7)
+    for _ in range(4):
+        src.snapshot({"vda": random_writes(rng, 6)})
+    return src
+
+
+def test_late_snapshot_is_inserted_between_two_held(work_dir: Path, source: Source, daemon: StorageDaemon) -> None:
+    dst, ordered = work_dir / "dst", work_dir / "ordered"
+    assert receive(ordered, source.stream(bases_for([1, 2, 3, 4]), daemon)).returncode == 0
+    steps = bases_for([1, 2, 4])
+    assert receive(dst, source.stream(steps, daemon)).returncode == 0
+    assert_destination_sound(dst, source)
+    layer4 = layer(dst, source, "vda", 4).stat().st_ino
+    proc = receive(dst, source.stream([(3, 2)], daemon))
+    assert proc.returncode == 0, proc.stderr
+    assert held(dst, source) == [1, 2, 3, 4]
+    assert layer(dst, source, "vda", 4).stat().st_ino != layer4, "snapshot 4's layer was not rebuilt"
+    assert_destination_sound(dst, source)
+    assert stored_bytes(dst, source) <= 1.05 * stored_bytes(ordered, source)
+
+
+def test_latest_first_then_backfill(work_dir: Path, source: Source, daemon: StorageDaemon) -> None:
+    dst, ordered = work_dir / "dst", work_dir / "ordered"
+    assert receive(ordered, source.stream(bases_for([1, 2, 3, 4]), daemon)).returncode == 0
+    for step in bases_for([4, 1, 2, 3]):  # one session per arrival, checked after each
+        proc = receive(dst, source.stream([step], daemon))
+        assert proc.returncode == 0, proc.stderr
+        assert_destination_sound(dst, source)
+    assert stored_bytes(dst, source) <= 1.05 * stored_bytes(ordered, source)
+
+
+def test_unchanged_rewrites_are_not_stored(work_dir: Path, daemon: StorageDaemon) -> None:
+    """Item 3: a delta that rewrites clusters with the bytes they had stores none of them."""
+    src = Source(work_dir / "src")
+    src.root.mkdir()
+    src.snapshot({"vda": [(0, 4 * MiB, 0x11)]})
+    src.snapshot({"vda": [(0, 4 * MiB, 0x11), (2 * MiB, CLUSTER, 0x22)]})  # 4 MiB written, one cluster changed
+    dst = work_dir / "dst"
+    assert receive(dst, src.stream(bases_for([1, 2]), daemon)).returncode == 0
+    assert_destination_sound(dst, src)
+    assert own_clusters(layer(dst, src, "vda", 2)) == [Extent(2 * MiB, CLUSTER)]
+
+
+def test_rebuild_cost_follows_the_layers_not_the_chain(work_dir: Path, daemon: StorageDaemon) -> None:
+    """Below the two layers lies a chain of 12; the rebuild reads only the two layers' own clusters."""
+    d = work_dir / "chain"
+    d.mkdir()
+    below = None
+    for k in range(12):
+        path = d / f"l{k}.qcow2"
+        img.create(path, size=SIZE, backing=below and below.name)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {k + 1} {k * 512 * 1024} 512k", str(path)],
+                       check=True, capture_output=True)
+        below = path
+    upper, lower = d / "upper.qcow2", d / "lower.qcow2"
+    for path, pattern, offset in ((upper, 0x55, 0), (lower, 0x66, 3 * MiB)):
+        img.create(path, size=SIZE, backing=below.name)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} 2M", str(path)],
+                       check=True, capture_output=True)
+    reference = d / "reference.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(upper), str(reference)], check=True)
+    rebuilt = rebuild_onto(daemon, upper, lower, SIZE)
+    assert (rebuilt.examined, rebuilt.kept) == (4 * MiB, 4 * MiB)
+    assert backing_of(upper) == lower
+    assert img.compare(reference, upper)
+    # Y' keeps its own [0, 2M) and takes over [3M, 5M) from below, where the new layer differs.
+    assert own_clusters(upper) == [Extent(0, 2 * MiB), Extent(3 * MiB, 2 * MiB)]
+
+
+STEPS = ["before-catalog", "after-catalog", "rebuild-written", "rebuild-committed", "rebuild-renamed"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_crash_at_each_step_of_an_insertion(work_dir: Path, daemon: StorageDaemon, step: str) -> None:
+    src = Source(work_dir / "src", disks=("vda", "vdb"))
+    src.root.mkdir()
+    rng = random.Random(step)
+    for _ in range(3):
+        src.snapshot({t: random_writes(rng, 5) for t in src.disks})
+    dst = work_dir / "dst"
+    assert receive(dst, src.stream(bases_for([1, 3]), daemon)).returncode == 0
+    late = src.stream([(2, 1)], daemon)
+    proc = receive(dst, late, crash_at=step)
+    assert proc.returncode == -9, f"the receiver did not reach {step}: {proc.stderr!r}"
+    # Whatever the step, every catalogued snapshot reads as its source (chains may still be forked).
+    for target in src.disks:
+        for k in held(dst, src):
+            assert img.compare(src.image(target, k), layer(dst, src, target, k)), f"{target} of {k} after {step}"
+    # The next session finishes the job: a sender that finds 2 missing sends it again.
+    proc = receive(dst, late if 2 not in held(dst, src) else src.stream([], daemon))
+    assert proc.returncode == 0, proc.stderr
+    assert held(dst, src) == [1, 2, 3]
+    assert_destination_sound(dst, src)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), count=st.integers(3, 5), data=st.data())
+def test_random_arrival_orders(work_dir: Path, daemon: StorageDaemon, seed: int, count: int, data: st.DataObject) -> None:
+    root = work_dir / f"case-{seed}-{count}"
+    src = Source(root / "src")
+    src.root.mkdir(parents=True)
+    rng = random.Random(seed)
+    for _ in range(count):
+        src.snapshot({"vda": random_writes(rng, rng.randrange(1, 8))})
+    order = data.draw(st.permutations(range(1, count + 1)))
+    dst, ordered = root / "dst", root / "ordered"
+    assert receive(ordered, src.stream(bases_for(range(1, count + 1)), daemon)).returncode == 0
+    proc = receive(dst, src.stream(bases_for(order), daemon))
+    assert proc.returncode == 0, proc.stderr
+    assert_destination_sound(dst, src)
+    assert stored_bytes(dst, src) <= 1.05 * stored_bytes(ordered, src), f"order {order}"

@@ -1,0 +1,200 @@
+"""Chain surgery on the destination: keep each disk's layers a single line, each cluster stored once.
+
+Two operations, both bounded by the clusters a layer holds of its own, never by the chain's length:
+
+- `DeltaFilter` drops the clusters of a received DATA frame that the base chain already reads
+  identically (the source wrote them, but with the same bytes), so the new layer stores only changes.
+- `finish_insertions` grafts a late snapshot S into the middle of the sequence. S's new layer N is
+  backed by S's base layer B; the held snapshot Y just younger than S is backed by B too. Y is
+  rebuilt as Y' backed by N: Y' holds, for each cluster that Y or N holds of its own, what Y reads
+  there wherever N's chain reads something else; elsewhere both read B. So Y' reads exactly as Y and
+  stores only what differs from N. Y' is written to a hidden file, fsynced and renamed over Y's layer
+  (layers above keep their backing name), then the directory is fsynced.
+
+The receiver leaves a marker (sink/store.py) before S's catalog row; a crash at any step leaves every
+chain readable, and the next session finds the marker and finishes (docs/FORMAT.md, "Inserting").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nbd
+
+from ..catalog import Layer, Snapshot
+from ..errors import VmreplError
+from ..extents import Extent, split, union
+from ..qemu import img
+from ..qemu.storage_daemon import StorageDaemon, pread
+from ..state import fsync_dir
+from .layer import LayerWriter
+
+if TYPE_CHECKING:  # store.py imports crash_point from here
+    from .store import Store
+
+CLUSTER = 65536
+_ZEROS = bytes(CLUSTER)
+CRASH_ENV = "VMREPL_CRASH_AT"  # test hook: the name of a step at which the receiver kills itself
+
+
+def crash_point(step: str) -> None:
+    """`VMREPL_CRASH_AT=STEP` makes the process die by SIGKILL here: a real crash, for the tests."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def differing_runs(offset: int, mine: bytes, theirs: bytes, cluster: int = CLUSTER) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, zero) in `mine` of the runs of clusters (aligned to the disk; the first and last
+    may be partial) whose bytes differ from `theirs`; `zero`: the run is all zeros in `mine`, so it
+    can be stored as zero clusters, which hold no data."""
+    run: tuple[int, bool] | None = None
+    pos = 0
+    while pos < len(mine):
+        end = min(len(mine), pos + cluster - (offset + pos) % cluster)
+        piece = mine[pos:end]
+        kind = None if piece == theirs[pos:end] else piece == _ZEROS[:end - pos]
+        if run is not None and kind != run[1]:
+            yield run[0], pos, run[1]
+            run = None
+        if run is None and kind is not None:
+            run = (pos, kind)
+        pos = end
+    if run is not None:
+        yield run[0], len(mine), run[1]
+
+
+class DeltaFilter:
+    """Drops what the base chain already reads from the DATA frames of a new layer backed by it."""
+
+    def __init__(self, base_reader: nbd.NBD) -> None:
+        self.h = base_reader
+        self.compared = 0  # bytes of DATA checked against the base
+        self.dropped = 0   # ... of which the base read the same
+        self.seconds = 0.0
+
+    def changed(self, offset: int, data: bytes) -> Iterator[tuple[int, bytes | int]]:
+        """The pieces of a DATA frame that differ from the base: (offset, bytes) to write, or
+        (offset, length) for a run of all-zero clusters, to store as zero clusters."""
+        started = time.perf_counter()
+        below = pread(self.h, offset, len(data))
+        runs = list(differing_runs(offset, data, below))
+        self.compared += len(data)
+        self.dropped += len(data) - sum(end - start for start, end, _ in runs)
+        self.seconds += time.perf_counter() - started
+        for start, end, zero in runs:
+            yield offset + start, end - start if zero else bytes(data[start:end])
+
+
+def store_piece(writer: LayerWriter, offset: int, piece: bytes | int) -> None:
+    """Write one piece `DeltaFilter.changed` or `differing_runs` chose: bytes, or a zero run's length."""
+    if isinstance(piece, int):
+        writer.write_zeroes(offset, piece)
+    else:
+        writer.write(offset, piece)
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What rebuilding one layer cost: `examined` bytes read from each of the two chains (the union of
+    both layers' own clusters), `kept` bytes the new layer holds (data or zero clusters)."""
+
+    snapshot: str
+    target: str
+    examined: int
+    kept: int
+    seconds: float
+
+
+def backing_of(layer: Path) -> Path | None:
+    """The absolute backing file named in a layer's header (the layer alone is opened)."""
+    info = img.info(layer)
+    assert isinstance(info, dict)
+    name = info.get("backing-filename")
+    if not name:
+        return None
+    return Path(os.path.normpath(os.path.join(layer.parent, name)))
+
+
+def own_clusters(layer: Path) -> list[Extent]:
+    """The ranges the layer holds itself (data or zero clusters), read from its own metadata only."""
+    spec = {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(layer.resolve())}}
+    return img.allocation_map(f"json:{json.dumps(spec)}", own_layer_only=True)
+
+
+def successor(held: list[Snapshot], snap: Snapshot) -> Snapshot | None:
+    """The held snapshot just younger than `snap` by age (generation, then creation time)."""
+    age = (snap.generation, snap.created_ns, snap.id)
+    younger = [s for s in held if s.id != snap.id and (s.generation, s.created_ns, s.id) > age]
+    return min(younger, key=lambda s: (s.generation, s.created_ns, s.id), default=None)
+
+
+def rebase_pairs(upper: Snapshot, lower: Snapshot) -> list[tuple[Layer, Layer]]:
+    """(upper layer, lower layer) per disk where the upper one still hangs on the lower one's backing,
+    so that rebuilding it onto the lower layer removes a fork from the chain."""
+    pairs = []
+    lower_disks = {d.target: d for d in lower.disks}
+    for layer in upper.disks:
+        below = lower_disks.get(layer.target)
+        if below is None or below.virtual_size != layer.virtual_size:
+            continue  # a disk added or resized in between: its chain stays as it is, still correct
+        if backing_of(Path(layer.image)) == backing_of(Path(below.image)):
+            pairs.append((layer, below))
+    return pairs
+
+
+def rebuild_onto(daemon: StorageDaemon, upper: Path, lower: Path, virtual_size: int, *,
+                 snapshot: str = "", target: str = "") -> Rebuilt:
+    """Replace `upper` (backed by X) with a layer backed by `lower` (also backed by X) that reads the same."""
+    started = time.perf_counter()
+    temp = upper.with_name(f".{upper.name}.rebased")
+    temp.unlink(missing_ok=True)  # left by a crash between its commit and the rename below
+    ranges = union(own_clusters(upper), own_clusters(lower))
+    examined = kept = 0
+    with daemon.reader(upper) as mine, daemon.reader(lower) as theirs, \
+            LayerWriter(temp, backing=lower, virtual_size=virtual_size, daemon=daemon) as writer:
+        for piece in split(Extent(e.offset, e.length) for e in ranges):
+            ours, below = pread(mine.nbd, piece.offset, piece.length), pread(theirs.nbd, piece.offset, piece.length)
+            examined += piece.length
+            for start, end, zero in differing_runs(piece.offset, ours, below):
+                store_piece(writer, piece.offset + start, end - start if zero else ours[start:end])
+                kept += end - start
+        crash_point("rebuild-written")
+        writer.commit()
+    crash_point("rebuild-committed")
+    os.rename(temp, upper)  # readers that hold the old file keep reading the old, equal, content
+    fsync_dir(upper.parent)
+    crash_point("rebuild-renamed")
+    return Rebuilt(snapshot, target, examined, kept, time.perf_counter() - started)
+
+
+def finish_insertions(store: Store, daemon: StorageDaemon, vm_uuid: str) -> list[Rebuilt]:
+    """Carry out every insertion marker of the VM (left by `Store.commit` or by a crash), then drop it."""
+    done: list[Rebuilt] = []
+    for upper_id, lower_id in store.insertions(vm_uuid):
+        upper, lower = store.catalog.find_snapshot(upper_id), store.catalog.find_snapshot(lower_id)
+        if upper is not None and lower is not None:
+            for layer, below in rebase_pairs(upper, lower):
+                done.append(rebuild_onto(daemon, Path(layer.image), Path(below.image), layer.virtual_size,
+                                         snapshot=upper.id, target=layer.target))
+        # else the lower snapshot never got its catalog row (a crash before it): nothing to graft
+        store.drop_insertion(vm_uuid, upper_id)
+    return done
+
+
+def finish_insertions_or_warn(store: Store, daemon: StorageDaemon, vm_uuid: str) -> list[Rebuilt]:
+    """As `finish_insertions`, but a failure only warns: the chains read correctly either way (a fork
+    costs storage, not data) and the marker makes the next session try again."""
+    try:
+        return finish_insertions(store, daemon, vm_uuid)
+    except VmreplError as err:
+        print(f"vmrepl receive: warning: could not finish an insertion ({err}); the next receive retries",
+              file=sys.stderr)
+        return []
