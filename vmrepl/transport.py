@@ -38,8 +38,10 @@ CONNECT_TIMEOUT = 15.0
 EXIT_WAIT = 5.0
 STDERR_KEEP = 64 << 10
 
-# paramiko logs tracebacks of failed handshakes; vmrepl reports each failure as its one-line error.
+# paramiko logs failed handshakes and socket errors ("ERROR: Socket exception: ..."); vmrepl reports
+# each failure as its one-line error, so those records must not reach the root logger the CLI sets up.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 def user_known_hosts() -> Path:
