@@ -39,6 +39,13 @@ fi
 "$venv/bin/python" -c 'import nbd, libvirt, qemu.qmp, paramiko, zstandard' \
   || { say "the venv cannot import its dependencies; remove $venv and re-run"; exit 1; }
 
+# Test and demo VM images live in run/ below the checkout: libvirt-qemu must be able to reach it.
+dir=$top
+while [[ $dir != / ]]; do
+  [[ $(stat -c %A "$dir") == *[xt] ]] || { say "$dir is not searchable by others (chmod o+x it): libvirt-qemu cannot reach run/"; exit 1; }
+  dir=$(dirname "$dir")
+done
+
 # libvirt-qemu must be able to use KVM, otherwise every libvirt call re-probes QEMU.
 if [[ -e /dev/kvm ]]; then
   chgrp kvm /dev/kvm && chmod 660 /dev/kvm
