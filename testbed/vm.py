@@ -186,39 +186,37 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> None:
     """Destroy and undefine a domain if it exists (its files stay)."""
     try:
         dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    try:
         if dom.isActive():
             dom.destroy()
         if dom.isPersistent():
             dom.undefineFlags(UNDEFINE_FLAGS)
-    except libvirt.libvirtError:
-        if name in conn.listDefinedDomains() or any(d.name() == name for d in conn.listAllDomains()):
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # gone meanwhile is fine
             raise
 
 
-def cleanup_leftovers(conn: libvirt.virConnect) -> list[str]:
-    """Remove test domains and VM dirs whose owning process is gone; returns the names removed."""
+def cleanup_leftovers(conn: libvirt.virConnect, *, owner: int | None = None) -> list[str]:
+    """Remove the test domains and VM dirs of processes that are gone (a killed run), and those of
+    process `owner` if given (a session ending); returns the names removed."""
     removed = []
     for dom in conn.listAllDomains():
-        if _orphaned(dom.name()):
+        if _removable(dom.name(), owner):
             remove_domain(conn, dom.name())
             removed.append(dom.name())
     if VMS_DIR.is_dir():
         for directory in VMS_DIR.iterdir():
-            if _orphaned(directory.name):
+            if _removable(directory.name, owner):
                 shutil.rmtree(directory, ignore_errors=True)
                 if directory.name not in removed:
                     removed.append(directory.name)
     return removed
 
 
-def _orphaned(name: str) -> bool:
+def _removable(name: str, owner: int | None) -> bool:
     if not name.startswith(PREFIX):
         return False
-    owner = _OWNER.match(name)
-    return owner is None or not pid_alive(int(owner.group(1)))
+    match = _OWNER.match(name)
+    return match is None or int(match.group(1)) == owner or not pid_alive(int(match.group(1)))
 
 
 def read_matches(image: Path | str, offset: int, length: int, byte: int) -> bool:

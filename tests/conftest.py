@@ -140,10 +140,12 @@ def run_vmrepl(src_state: Path) -> RunVmrepl:
 
 @pytest.fixture(scope="session")
 def libvirt_conn() -> Iterator[libvirt.virConnect]:
-    """A connection to qemu:///system; test VMs left by killed runs are removed first."""
+    """A connection to qemu:///system. Test VMs of killed runs are removed first; at the end, every
+    domain named by `testbed.vm.vm_name()` in this session goes too (e.g. made by `vmrepl recover`)."""
     conn = libvirt.open("qemu:///system")
     cleanup_leftovers(conn)
     yield conn
+    cleanup_leftovers(conn, owner=os.getpid())
     conn.close()
 
 
