@@ -231,6 +231,11 @@ class Catalog:
         )
         return Snapshot(*row[:8], disks=disks, definition=row[8])
 
+    def snapshot_by_image(self, image: str) -> Snapshot | None:
+        """The snapshot one of whose disks is this image file (a frozen layer, or a received layer)."""
+        row = self.db.execute("SELECT snapshot_id FROM layers WHERE image = ?", (image,)).fetchone()
+        return self._load(row[0]) if row else None
+
     def layer_tracking(self, image: str) -> str | None:
         """How far the `vmrepl` bitmap of a catalogued layer file can be trusted; None if not catalogued."""
         row = self.db.execute("SELECT tracking FROM layers WHERE image = ?", (image,)).fetchone()

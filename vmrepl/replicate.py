@@ -106,12 +106,27 @@ class Session:
     # --- planning ------------------------------------------------------------------------------
 
     def plan(self, *, want: list[str] | None, latest_first: bool) -> list[planner.Step]:
+        own = self.catalog.snapshots(self.vm_uuid)
+        ancestors = self._ancestors(own)
         lineage = [planner.SourceSnapshot(id=s.id, parent=s.parent, created_ns=s.created_ns, generation=s.generation,
-                                          vm=s.vm_uuid, name=s.name)
-                   for s in self.catalog.snapshots(self.vm_uuid)]
-        held = [planner.HeldSnapshot(id=h.id, created_ns=h.created_ns, generation=h.generation,
-                                     name=self._name(h.id)) for h in self.held.snapshots]
-        return planner.plan(lineage, held, want=want, latest_first=latest_first)
+                                          vm=s.vm_uuid, name=s.name) for s in ancestors + own]
+        held = list(self.held.snapshots)
+        for vm_uuid in {s.vm_uuid for s in ancestors}:  # a clone: what the destination holds of its origin
+            with Session(self.catalog, vm_uuid, self.options) as other:
+                held += other.held.snapshots
+        return planner.plan(lineage, [planner.HeldSnapshot(id=h.id, created_ns=h.created_ns, generation=h.generation,
+                                                           name=self._name(h.id)) for h in held],
+                            want=want, latest_first=latest_first)
+
+    def _ancestors(self, own: list[Snapshot]) -> list[Snapshot]:
+        """The snapshots of other VMs this VM descends from (it is a clone, or recovered under a new name)."""
+        ids = {s.id for s in own}
+        chain: list[Snapshot] = []
+        parent = next((s.parent for s in own if s.parent and s.parent not in ids), None)
+        while parent and (snap := self.catalog.find_snapshot(parent)) is not None:
+            chain.insert(0, snap)
+            parent = snap.parent
+        return chain
 
     def _name(self, snapshot_id: str) -> str:
         snap = self.catalog.find_snapshot(snapshot_id)

@@ -34,7 +34,7 @@ def resolve_state_dir(option: str | None) -> Path:
         raise StateError(f"cannot create state dir {path}: {err.strerror}", hint="pass --state-dir DIR") from err
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
         raise StateError(f"state dir {path} is not readable and writable", hint="fix its permissions or pass --state-dir DIR")
-    return path
+    return path.resolve()
 
 
 @contextlib.contextmanager

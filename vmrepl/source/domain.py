@@ -102,5 +102,15 @@ def top_bitmaps(dom: libvirt.virDomain) -> dict[str, tuple[str, dict | None]]:
         if node.get("drv") != "qcow2":
             continue
         bitmap = next((b for b in node.get("dirty-bitmaps", []) if b.get("name") == BITMAP), None)
-        result[node["file"]] = (node["node-name"], bitmap)
+        result[_node_filename(node["file"])] = (node["node-name"], bitmap)
     return result
+
+
+def _node_filename(file: str) -> str:
+    """The image file of a qcow2 node: QEMU shows `json:{...}` instead when the node's options (e.g. its
+    backing) differ from what the file itself says; the file is then that JSON's protocol child."""
+    import json
+
+    if not file.startswith("json:"):
+        return file
+    return json.loads(file[len("json:"):]).get("file", {}).get("filename", file)

@@ -44,7 +44,7 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     disks = domain.disks(dom)
     snapshot_id = str(uuidlib.uuid4())
     overlays = {d.target: _overlay_path(d, vm_name, name) for d in disks}
-    parents = catalog.snapshots(vm_uuid)
+    parent = _parent(catalog, disks)
     hook_env = {"VMREPL_VM": vm_name, "VMREPL_VM_UUID": vm_uuid, "VMREPL_SNAPSHOT": snapshot_id,
                 "VMREPL_SNAPSHOT_NAME": name}
 
@@ -63,7 +63,7 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
             layers.append(Layer(target=d.target, image=d.image, virtual_size=img.info(d.image)["virtual-size"],
                                 tracking=tracking[d.target]))
         snap = Snapshot(id=snapshot_id, vm_uuid=vm_uuid, vm_name=vm_name, name=name,
-                        parent=parents[-1].id if parents else None, created_ns=created_ns,
+                        parent=parent.id if parent else None, created_ns=created_ns,
                         generation=generation, origin="local", disks=tuple(layers),
                         definition=domain.definition(dom))
         catalog.add_snapshot(snap)
@@ -71,6 +71,16 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     finally:
         run_hooks(hooks_dir, "post-snapshot", {**hook_env, "VMREPL_RESULT": result})
     return snap
+
+
+def _parent(catalog: Catalog, disks: list[Disk]) -> Snapshot | None:
+    """The snapshot the active layers grow from: the catalogued one whose image backs them.
+
+    Normally that is the VM's newest snapshot; for a clone or a recovered domain it is the snapshot
+    its overlays were created on, maybe of another VM. The disk chain is the truth, not the order of
+    the catalog."""
+    backing = img.info(disks[0].image).get("full-backing-filename")
+    return catalog.snapshot_by_image(os.path.normpath(backing)) if backing else None
 
 
 def _overlay_path(disk: Disk, vm_name: str, snapshot_name: str) -> str:

@@ -1,0 +1,65 @@
+"""Define a domain whose disks are fresh overlays on a snapshot's images: `clone` on the source,
+`recover` on the destination. Each overlay starts its `vmrepl` bitmap at once, so the first snapshot of
+the new domain is a delta on that snapshot (its parent, found through the backing chain)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+
+from ..catalog import Snapshot
+from ..errors import SourceError, UsageError
+from ..qemu import img
+from ..state import fsync_dir
+from .domain import BITMAP
+
+
+def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, overlay_dir: Path, *,
+                       keep_uuid: bool) -> libvirt.virDomain:
+    """Define `name` from the snapshot's definition with one new overlay per disk in `overlay_dir`."""
+    try:
+        conn.lookupByName(name)
+        raise UsageError(f"a domain named {name} already exists at {conn.getURI()}",
+                         hint="pick another name (--as NEWVM), or undefine the old domain first")
+    except libvirt.libvirtError:
+        pass
+    if not snap.definition:
+        raise SourceError(f"snapshot {snap.name} carries no VM definition")
+    root = ET.fromstring(snap.definition)
+    root.find("name").text = name
+    if not keep_uuid:
+        if (uuid := root.find("uuid")) is not None:
+            root.remove(uuid)
+        for interface in root.iterfind("./devices/interface"):  # a copy must not share MAC addresses
+            if (mac := interface.find("mac")) is not None:
+                interface.remove(mac)
+    overlay_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    made: list[Path] = []
+    try:
+        for disk in root.iterfind("./devices/disk"):
+            target = disk.find("target").get("dev")
+            source = disk.find("source")
+            if disk.get("device", "disk") != "disk" or source is None:
+                continue
+            layer = snap.disk(target)
+            overlay = overlay_dir / f"{name}-{target}.qcow2"
+            if overlay.exists():
+                raise SourceError(f"{overlay} already exists", hint="remove it or pick another name")
+            img.create(overlay, size=layer.virtual_size, backing=layer.image)
+            made.append(overlay)
+            img.add_bitmap(overlay, BITMAP)
+            overlay.chmod(0o644)
+            source.set("file", str(overlay))
+            for stale in disk.findall("backingStore"):
+                disk.remove(stale)
+        fsync_dir(overlay_dir)
+        try:
+            return conn.defineXML(ET.tostring(root, encoding="unicode"))
+        except libvirt.libvirtError as err:
+            raise SourceError(f"libvirt refused the definition of {name}: {err.get_error_message()}") from err
+    except BaseException:
+        for overlay in made:
+            overlay.unlink(missing_ok=True)
+        raise
