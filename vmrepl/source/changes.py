@@ -10,7 +10,6 @@ Each changed extent is then split into what reads as zeros in B (sent as a zero 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from ..catalog import Catalog, Snapshot
@@ -20,7 +19,6 @@ from ..qemu import img
 from ..qemu.storage_daemon import ALLOCATION, StorageDaemon, allocation_extents, dirty_bitmap_context, dirty_extents
 from .domain import BITMAP
 
-log = logging.getLogger(__name__)
 
 @dataclass
 class DiskChanges:
@@ -59,8 +57,6 @@ def disk_changes(catalog: Catalog, daemon: StorageDaemon, since: Snapshot | None
                 extents = img.allocation_map(path, own_layer_only=True)
             written.extend(extents)
         written = union(written)
-    for note in fallbacks:
-        log.warning("%s", note)
     return DiskChanges(target=target, image=layer.image, virtual_size=layer.virtual_size,
                        base_image=base.image if base else None,
                        extents=_split_zero(daemon, layer.image, written, layer.virtual_size,
@@ -72,7 +68,6 @@ def full_disk_changes(daemon: StorageDaemon, until: Snapshot, target: str, *, re
     """Every byte of the disk, as data or zero extents: correct over any base, for when tracking cannot say."""
     layer = until.disk(target)
     note = f"{reason}: sending disk {target} whole (zeros as markers)"
-    log.warning("%s", note)
     return DiskChanges(target=target, image=layer.image, virtual_size=layer.virtual_size, base_image=None,
                        extents=_split_zero(daemon, layer.image, [Extent(0, layer.virtual_size, False)],
                                            layer.virtual_size, drop_zero=False),
