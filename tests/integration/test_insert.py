@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from vmrepl.extents import Extent, split, total_length, union
 from vmrepl.qemu import img
 from vmrepl.qemu.storage_daemon import StorageDaemon, pread
-from vmrepl.sink.chain import CRASH_ENV, backing_of, own_clusters, rebuild_onto
+from vmrepl.sink.chain import CRASH_ENV, backing_of, differing_runs, own_clusters, rebuild_onto
 from vmrepl.wire import DiskInfo, End, FrameWriter, Hello, SnapshotHeader
 from testbed import VMREPL
 
@@ -266,3 +266,27 @@ def test_random_arrival_orders(work_dir: Path, daemon: StorageDaemon, seed: int,
     assert proc.returncode == 0, proc.stderr
     assert_destination_sound(dst, src)
     assert stored_bytes(dst, src) <= 1.05 * stored_bytes(ordered, src), f"order {order}"
+
+
+@settings(max_examples=200, deadline=None)
+@given(offset=st.integers(0, 4 * CLUSTER), mine=st.binary(min_size=1, max_size=3 * CLUSTER),
+       flips=st.lists(st.integers(0, 3 * CLUSTER - 1), max_size=5), zeroed=st.booleans())
+def test_differing_runs_against_a_model(offset: int, mine: bytes, flips: list[int], zeroed: bool) -> None:
+    """Applying the runs to `theirs` gives `mine`; runs cover whole clusters that differ, zero runs are zeros."""
+    if zeroed:
+        mine = bytes(len(mine) // 2) + mine[len(mine) // 2:]
+    theirs = bytearray(mine)
+    for i in flips:
+        if i < len(theirs):
+            theirs[i] ^= 0xFF
+    result = bytearray(theirs)
+    for start, end, zero in differing_runs(offset, mine, bytes(theirs)):
+        assert (offset + start) % CLUSTER == 0 or start == 0
+        assert (offset + end) % CLUSTER == 0 or end == len(mine)
+        assert not zero or mine[start:end] == bytes(end - start)
+        for pos in range(start, end):  # every cluster in a run differs: nothing equal is kept
+            if pos == start or (offset + pos) % CLUSTER == 0:
+                stop = min(end, pos + CLUSTER - (offset + pos) % CLUSTER)
+                assert mine[pos:stop] != theirs[pos:stop]
+        result[start:end] = mine[start:end]
+    assert result == mine
