@@ -114,7 +114,8 @@ class Rebuilt:
 
 
 def backing_of(layer: Path) -> Path | None:
-    """The absolute backing file named in a layer's header (the layer alone is opened)."""
+    """The backing file named in a layer's header, resolved against the layer's directory (the layer
+    alone is opened, not its chain)."""
     info = img.info(layer)
     assert isinstance(info, dict)
     name = info.get("backing-filename")
