@@ -84,7 +84,9 @@ class DeltaFilter:
         """The pieces of a DATA frame that differ from the base: (offset, bytes) to write, or
         (offset, length) for a run of all-zero clusters, to store as zero clusters."""
         started = time.perf_counter()
-        below = pread(self.h, offset, len(data))
+        # A disk that grew since the base reads zeros past the base's end (qcow2 reads a short backing file so).
+        inside = max(0, min(len(data), self.h.get_size() - offset))
+        below = (pread(self.h, offset, inside) if inside else b"") + bytes(len(data) - inside)
         runs = list(differing_runs(offset, data, below))
         self.compared += len(data)
         self.dropped += len(data) - sum(end - start for start, end, _ in runs)
