@@ -35,7 +35,7 @@ def demo(host: SecondHost, vm: VM) -> bool:
     ok = read_matches(image, offset, length, byte) and not read_matches(image, offset, length, byte ^ 0xFF)
     step(f"read back from {image} with qemu-io: {'the pattern is there' if ok else 'MISMATCH'}")
 
-    remote = run(host.ssh_argv("ip -o -4 addr show dev vmrepl-d0 | awk '{print $4}'"), check=False)
+    remote = run(host.ssh_argv(f"ip -o -4 addr show dev {host.veth_dest} | awk '{{print $4}}'"), check=False)
     reached = remote.returncode == 0
     step(f"second host {host.destination} (netns {host.netns}) over ssh with its pinned host key: "
          + (f"answers from {remote.stdout.strip()}" if reached else f"FAILED: {remote.stderr.strip()}"))

@@ -14,7 +14,7 @@ Files, all under run/hosts/ (mode 0755 dirs)::
 `start()` is idempotent and rebuilds whatever a killed run left half-there (netns, veth, sshd pid);
 `stop()` ends sshd by its PID and removes the namespace. Processes run in the namespace through
 `ns_argv()`; a later own libvirtd will need a mount namespace with a private /run as well, which
-belongs there. CLI: `python -m testbed.host start|stop|env`.
+belongs there. More hosts like it: `SecondHost(index=N)`. CLI: `python -m testbed.host start|stop|env [INDEX]`.
 """
 
 from __future__ import annotations
@@ -33,33 +33,41 @@ from pathlib import Path
 from . import ROOT, RUN_DIR, pid_alive, public_dir, run
 
 DEFAULT_NETNS = "vmrepl-dst"
-SOURCE_ADDRESS = "10.213.0.1"
 ADDRESS = "10.213.0.2"
 PREFIX_LEN = 30
-VETH_SOURCE = "vmrepl-s0"
-VETH_DEST = "vmrepl-d0"
 USER = "root"
 
 
 class SecondHost:
-    def __init__(self, netns: str = DEFAULT_NETNS, base: Path = RUN_DIR / "hosts") -> None:
-        self.netns = netns
-        self.base = base
-        self.address = ADDRESS
+    """Host `index` 0 is the one above; index N (1..63) is another one, for tests that need more
+    destinations or a host of their own: netns vmrepl-dstN, 10.213.0.(4N+1) <-> 10.213.0.(4N+2),
+    veth vmrepl-sN/vmrepl-dN, files under run/hostsN/."""
+
+    def __init__(self, index: int = 0) -> None:
+        if not 0 <= index < 64:
+            raise ValueError(f"host index {index} is outside 0..63")
+        suffix = str(index) if index else ""
+        self.index = index
+        self.netns = DEFAULT_NETNS + suffix
+        self.base = RUN_DIR / f"hosts{suffix}"
+        self.source_address = f"10.213.0.{4 * index + 1}"
+        self.address = f"10.213.0.{4 * index + 2}"
+        self.veth_source = f"vmrepl-s{index}"
+        self.veth_dest = f"vmrepl-d{index}"
         self.port = 22
         self.user = USER
-        sshd = base / "dst" / "sshd"
+        sshd = self.base / "dst" / "sshd"
         self.sshd_dir = sshd
         self.sshd_config = sshd / "sshd_config"
         self.host_key = sshd / "ssh_host_ed25519_key"
         self.pid_file = sshd / "sshd.pid"
         self.log_file = sshd / "sshd.log"
         self.authorized_keys = sshd / "authorized_keys"
-        self.dst_state = base / "dst" / "state"
-        self.src_state = base / "src" / "state"
-        self.identity = base / "src" / "id_ed25519"
-        self.known_hosts = base / "src" / "known_hosts"
-        self.keys_dir = base / "src" / "keys"
+        self.dst_state = self.base / "dst" / "state"
+        self.src_state = self.base / "src" / "state"
+        self.identity = self.base / "src" / "id_ed25519"
+        self.known_hosts = self.base / "src" / "known_hosts"
+        self.keys_dir = self.base / "src" / "keys"
         self._lock_fd: int | None = None
 
     @property
@@ -90,8 +98,8 @@ class SecondHost:
         pid = self.sshd_pid()
         if pid is None or not self._netns_exists():
             return False
-        addresses = run(["ip", "-o", "addr", "show", "dev", VETH_SOURCE], check=False).stdout
-        return f"{SOURCE_ADDRESS}/{PREFIX_LEN}" in addresses and _reachable(self.address, self.port, 1.0)
+        addresses = run(["ip", "-o", "addr", "show", "dev", self.veth_source], check=False).stdout
+        return f"{self.source_address}/{PREFIX_LEN}" in addresses and _reachable(self.address, self.port, 1.0)
 
     def sshd_pid(self) -> int | None:
         """PID of this host's sshd, if its pid file names a live sshd started with our config."""
@@ -202,7 +210,7 @@ class SecondHost:
         if self._netns_exists():
             run(["ip", "netns", "del", self.netns])
         # The veth pair goes with the namespace, unless a half-built run left the source end alone.
-        run(["ip", "link", "del", VETH_SOURCE], check=False)
+        run(["ip", "link", "del", self.veth_source], check=False)
 
     def _prepare_files(self) -> None:
         for d in (self.sshd_dir, self.dst_state, self.src_state, self.identity.parent):
@@ -241,11 +249,12 @@ Subsystem sftp /usr/lib/openssh/sftp-server
         ns = ["ip", "-n", self.netns]
         for argv in (
             ["ip", "netns", "add", self.netns],
-            ["ip", "link", "add", VETH_SOURCE, "type", "veth", "peer", "name", VETH_DEST, "netns", self.netns],
-            ["ip", "addr", "add", f"{SOURCE_ADDRESS}/{PREFIX_LEN}", "dev", VETH_SOURCE],
-            ["ip", "link", "set", VETH_SOURCE, "up"],
-            [*ns, "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", VETH_DEST],
-            [*ns, "link", "set", VETH_DEST, "up"],
+            ["ip", "link", "add", self.veth_source, "type", "veth", "peer", "name", self.veth_dest,
+             "netns", self.netns],
+            ["ip", "addr", "add", f"{self.source_address}/{PREFIX_LEN}", "dev", self.veth_source],
+            ["ip", "link", "set", self.veth_source, "up"],
+            [*ns, "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", self.veth_dest],
+            [*ns, "link", "set", self.veth_dest, "up"],
             [*ns, "link", "set", "lo", "up"],
         ):
             run(argv)
@@ -301,10 +310,10 @@ def _reachable(address: str, port: int, timeout: float) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in ("start", "stop", "env"):
-        print("usage: python -m testbed.host start|stop|env", file=sys.stderr)
+    if len(argv) not in (1, 2) or argv[0] not in ("start", "stop", "env") or not all(a.isdigit() for a in argv[1:]):
+        print("usage: python -m testbed.host start|stop|env [INDEX]", file=sys.stderr)
         return 2
-    host = SecondHost()
+    host = SecondHost(int(argv[1]) if len(argv) == 2 else 0)
     if argv[0] == "start":
         host.start()
         print(f"second host up: {host.destination} in netns {host.netns} (sshd pid {host.sshd_pid()})")

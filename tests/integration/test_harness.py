@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -133,10 +134,22 @@ def test_forced_command_key(second_host):
     assert run(second_host.ssh_argv("echo", "free")).stdout.strip() == "free"  # other keys are unaffected
 
 
-def test_second_host_restarts_after_sshd_was_killed(second_host: SecondHost):
-    old = second_host.sshd_pid()
-    os.kill(old, signal.SIGKILL)
-    assert not second_host.running()
-    second_host.start()
-    assert second_host.sshd_pid() not in (None, old)
-    assert run(second_host.ssh_argv("true")).returncode == 0
+@pytest.fixture
+def own_host() -> Iterator[SecondHost]:
+    """A host of this test's own (index 1), so that killing its sshd disturbs no other test."""
+    host = SecondHost(index=1)
+    yield host.start()
+    host.stop()
+
+
+def test_a_host_left_by_a_killed_run_is_rebuilt_at_start(own_host: SecondHost, second_host: SecondHost):
+    old = own_host.sshd_pid()
+    os.kill(old, signal.SIGKILL)  # the netns, veth pair and pid file stay behind
+    assert not own_host.running()
+    own_host.start()
+    assert own_host.sshd_pid() not in (None, old)
+    assert run(own_host.ssh_argv("hostname -I")).stdout.split() == [own_host.address]
+    assert run(second_host.ssh_argv("hostname -I")).stdout.split() == [second_host.address]  # untouched
+
+    own_host.stop()
+    assert not own_host.running() and not Path("/run/netns", own_host.netns).exists()
