@@ -1,20 +1,26 @@
 """The demo that `scripts/demo` runs (after setup and `python -m testbed.host start`).
 
-For now it shows the machinery replication stands on: a throwaway VM runs under libvirt, a pattern
-written into its disk from the host reads back from the qcow2 file, and the second host answers
-over ssh with its pinned host key. Each step is one `step()` line; grow the demo by adding steps
-to `demo()`.
+A throwaway VM with two disks runs under libvirt; data is written into it, it is snapshotted and
+replicated over ssh to the second host (a network namespace with its own sshd), then written to again,
+snapshotted and replicated as a delta, three rounds; `vmrepl verify` compares every replicated snapshot
+on both hosts, and a table shows what each round changed, sent and took. Every step is a `vmrepl`
+command as an admin would type it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import shutil
+import subprocess
 import sys
 
 import libvirt
 
-from . import run
+from . import VMREPL, public_dir, run
 from .host import SecondHost
-from .vm import MiB, VM, cleanup_leftovers, create_vm, domain_type, read_matches
+from .vm import MiB, VM, cleanup_leftovers, create_vm, domain_type
 
 URI = "qemu:///system"
 
@@ -23,32 +29,71 @@ def step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
+def vmrepl(host: SecondHost, *args: str) -> list | dict:
+    """Run one vmrepl command on the source with --json, echoing it, and return its document."""
+    shown = " ".join(a for a in args)
+    print(f"    $ vmrepl {shown}", flush=True)
+    env = {**os.environ, "VMREPL_STATE_DIR": str(host.src_state)}
+    proc = subprocess.run([str(VMREPL), *args, "--json"], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo FAILED: vmrepl {shown}: {proc.stderr.strip()}")
+    for line in proc.stderr.splitlines():
+        print(f"    {line}")
+    return json.loads(proc.stdout)
+
+
+def write_random(vm: VM, target: str, offset: int, length: int) -> None:
+    source = vm.dir / "demo-data.bin"
+    source.write_bytes(os.urandom(length))
+    source.chmod(0o644)
+    vm.write_file(target, offset, source)
+    source.unlink()
+
+
 def demo(host: SecondHost, vm: VM) -> bool:
-    """The demo's steps; True when everything showed what it should."""
-    disks = ", ".join(f"{t} {vm.current_image(t)}" for t in vm.targets())
-    step(f"VM {vm.name} runs under libvirt ({domain_type(URI)}, no OS); disks: {disks}")
-
-    offset, length, byte = 1 * MiB, 256 * 1024, 0xAB
-    vm.write_pattern("vda", offset, length, byte)
-    step(f"wrote {length} bytes of {byte:#x} at offset {offset} into vda of the running VM (HMP qemu-io)")
-    image = vm.current_image("vda")
-    ok = read_matches(image, offset, length, byte) and not read_matches(image, offset, length, byte ^ 0xFF)
-    step(f"read back from {image} with qemu-io: {'the pattern is there' if ok else 'MISMATCH'}")
-
-    remote = run(host.ssh_argv(f"ip -o -4 addr show dev {host.veth_dest} | awk '{{print $4}}'"), check=False)
-    reached = remote.returncode == 0
-    step(f"second host {host.destination} (netns {host.netns}) over ssh with its pinned host key: "
-         + (f"answers from {remote.stdout.strip()}" if reached else f"FAILED: {remote.stderr.strip()}"))
-    return ok and reached
+    """The demo's steps; True when every replicated snapshot verified."""
+    step(f"VM {vm.name} runs under libvirt ({domain_type(URI)}, no OS), disks vda 512 MiB and vdb 256 MiB")
+    ssh = ["--to", host.destination, "--identity", str(host.identity), "--known-hosts", str(host.known_hosts)]
+    rng = random.Random(1)
+    rows = []
+    for round_ in range(1, 4):
+        if round_ == 1:
+            write_random(vm, "vda", 0, 48 * MiB)
+            write_random(vm, "vdb", 64 * MiB, 16 * MiB)
+            what = "64 MiB of random data"
+        else:
+            for _ in range(8):
+                write_random(vm, rng.choice(["vda", "vdb"]), rng.randrange(0, 250) * MiB, 256 * 1024)
+            vm.write_zeroes("vda", 8 * MiB, 8 * MiB)
+            what = "8 x 256 KiB of random data at random offsets and 8 MiB of zeros"
+        step(f"round {round_}: wrote {what} into the running VM, then snapshot and replicate")
+        snap = vmrepl(host, "snapshot", vm.name)
+        (sent,) = vmrepl(host, "replicate", vm.name, *ssh)
+        rows.append((snap["name"], "full (sparse)" if sent["base"] is None else "delta", sent))
+    step("verify: content digests of every snapshot, read through the chains on both hosts")
+    report = vmrepl(host, "verify", vm.name, *ssh)
+    ok = all(d["match"] for snap in report for d in snap["disks"])
+    held = run([str(VMREPL), "list", vm.name, "--state-dir", str(host.dst_state)]).stdout
+    step(f"the second host holds:\n{held}")
+    print(f"{'snapshot':<24} {'kind':<14} {'changed MiB':>12} {'sent MiB':>9} {'seconds':>8}")
+    for name, kind, sent in rows:
+        print(f"{name:<24} {kind:<14} {sent['bytes_changed'] / MiB:>12.2f} {sent['bytes_sent'] / MiB:>9.2f}"
+              f" {sent['seconds']:>8.2f}")
+    step("verify: " + ("every disk of every snapshot matches" if ok else "MISMATCH"))
+    return ok
 
 
 def main() -> int:
+    host = SecondHost()
+    for state in (host.src_state, host.dst_state):  # a fresh demo each time
+        shutil.rmtree(state, ignore_errors=True)
+        public_dir(state)
     conn = libvirt.open(URI)
     try:
         cleanup_leftovers(conn)
-        vm = create_vm(conn, {"vda": 64 * MiB, "vdb": 32 * MiB}, label="demo")
+        vm = create_vm(conn, {"vda": 512 * MiB, "vdb": 256 * MiB}, label="demo")
         try:
-            ok = demo(SecondHost(), vm)
+            ok = demo(host, vm)
         finally:
             vm.remove()
             step(f"removed VM {vm.name}")
