@@ -25,8 +25,8 @@ from .extents import Extent, split, total_length
 from .qemu.storage_daemon import Export, StorageDaemon, pread
 from .source.changes import DiskChanges, disk_changes, full_disk_changes
 from .transport import Connection, connect
-from .wire import (DiskInfo, EncodedData, End, FrameReader, FrameWriter, Hello, Ok, ReceiverHello, SnapshotHeader,
-                   VerifyReply, VerifyRequest, encode_data)
+from .wire import (DiskInfo, EncodedData, End, Error, FrameReader, FrameWriter, Hello, Ok, ReceiverHello,
+                   SnapshotHeader, VerifyReply, VerifyRequest, encode_data)
 
 FRAMES_IN_FLIGHT = 8   # 8 x 4 MiB read-ahead: enough to keep the link busy, bounded whatever the disk size
 WORKERS = 2
@@ -90,18 +90,22 @@ class Session:
 
     def _guard(self, action: Callable):  # type: ignore[no-untyped-def]
         """Run a wire action; when the channel breaks, prefer the destination's own ERROR frame."""
+        assert self.conn is not None
         try:
             return action()
-        except (TransportError, OSError) as err:
-            assert self.conn is not None
-            try:
-                self.reader.read()  # raises the destination's ERROR as its own class, if it sent one
-            except VmreplError as remote:
-                if not isinstance(remote, TransportError):
-                    raise remote from None
-            except Exception:  # noqa: BLE001 - the original failure below says more
-                pass
-            raise err if isinstance(err, VmreplError) else self.conn.failure("sending") from err
+        except TransportError as err:
+            raise self._remote_error() or err from None
+        except OSError as err:
+            raise self.conn.failure("sending") from err
+
+    def _remote_error(self) -> VmreplError | None:
+        """The failure the destination reported in an ERROR frame before the channel broke, if any.
+        Only after a transport failure: the channel is closing, so this read cannot wait forever."""
+        try:
+            message = self.reader.read()
+        except Exception:  # noqa: BLE001 - no frame (a plain drop): the transport failure says more
+            return None
+        return message.exception(self.reader.peer) if isinstance(message, Error) else None
 
     # --- planning ------------------------------------------------------------------------------
 
