@@ -1,0 +1,157 @@
+"""What the benchmarks share: the vmrepl CLI under /usr/bin/time, qcow2 writes over NBD, the second
+host's ssh options, and docs/BENCHMARKS.md sections that a rerun replaces.
+
+Everything a benchmark makes lives under run/bench/ (gitignored) and its VMs are testbed VMs, so a
+killed run is cleaned up by `testbed.vm.cleanup_leftovers` like a killed test run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts run as bench/X.py from the checkout
+
+from testbed import ROOT, RUN_DIR, VMREPL, public_dir  # noqa: E402
+from testbed.host import SecondHost  # noqa: E402
+
+BENCH_DIR = RUN_DIR / "bench"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+CIPHER = "aes128-gcm@openssh.com"
+
+DOC_HEAD = """# Benchmarks
+
+Each section below is written by one script in `bench/`, which replaces only its own section (between
+its markers) when rerun. Run them from the checkout as root, with the venv and the daemons of
+`bash scripts/setup.sh`: `.venv/bin/python bench/NAME.py`. They create throwaway VMs under `run/` and
+remove them afterwards.
+
+These machines have 2 cores shared by both ends of every transfer (the "destination" is a network
+namespace on the same machine) and by other engineers' test runs, so absolute figures are noisy and
+low; compare the ratios taken within one run (the peers run alternately, side by side).
+"""
+
+
+@dataclass(frozen=True)
+class Timed:
+    seconds: float
+    max_rss_kib: int
+    cpu_seconds: float
+    stdout: str
+
+
+def timed(argv: Sequence[str | os.PathLike], **kwargs) -> Timed:
+    """Run argv under /usr/bin/time: wall seconds, peak RSS (KiB) and user+system CPU seconds."""
+    fmt = "@@time %e %M %U %S"
+    proc = subprocess.run(["/usr/bin/time", "-f", fmt, *map(str, argv)], capture_output=True, text=True, **kwargs)
+    lines = proc.stderr.splitlines()
+    marks = [line for line in lines if line.startswith("@@time ")]
+    if proc.returncode != 0 or not marks:
+        rest = "\n".join(line for line in lines if not line.startswith("@@time "))
+        raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {rest.strip()}")
+    _, wall, rss, user, system = marks[-1].split()
+    return Timed(float(wall), int(rss), float(user) + float(system), proc.stdout)
+
+
+def stopwatch(argv: Sequence[str | os.PathLike], **kwargs) -> tuple[float, subprocess.CompletedProcess]:
+    """Run argv (checked) and return its wall time with finer resolution than /usr/bin/time."""
+    started = time.perf_counter()
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, **kwargs)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {proc.stderr!r:.500}")
+    return elapsed, proc
+
+
+def vmrepl_json(*args: str | os.PathLike, state_dir: Path) -> object:
+    """Run a vmrepl command with --json against `state_dir` and return its document."""
+    proc = subprocess.run([str(VMREPL), *map(str, args), "--json", "--state-dir", str(state_dir)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vmrepl {' '.join(map(str, args))}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+@contextlib.contextmanager
+def nbd_image(image: Path, *, fmt: str = "qcow2") -> Iterator[nbd.NBD]:
+    """A writable NBD handle on an image served by a private qemu-nbd (socket activation); the
+    image is flushed and closed when the block ends."""
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation(["qemu-nbd", "-f", fmt, "--discard=unmap", str(image)])
+    try:
+        yield h
+        h.flush()
+    finally:
+        h.shutdown()
+        del h
+
+
+def pwrite(h: nbd.NBD, data: bytes | memoryview, offset: int) -> None:
+    """Write `data` at `offset` in requests an NBD server accepts (at most 4 MiB each)."""
+    view = memoryview(data)
+    for start in range(0, len(view), 4 * MiB):
+        h.pwrite(view[start:start + 4 * MiB], offset + start)
+
+
+def ssh_command(host: SecondHost) -> list[str]:
+    """OpenSSH options for the second host (strict host keys, the bench's cipher, no prompts), without
+    the destination: append `host.destination` and a remote command, or pass it as rsync's `-e`."""
+    return ["ssh", "-c", CIPHER, *host.ssh_argv()[1:-1]]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def fresh_dir(name: str) -> Path:
+    """An empty 0755 directory run/bench/NAME (whatever a previous run left there is removed)."""
+    path = BENCH_DIR / name
+    if path.exists():
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    return public_dir(path)
+
+
+def machine() -> str:
+    """One line about this machine and the date, for the doc."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // (1 << 20)
+    qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.split()[2]
+    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.split(",")[0]
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, "
+            f"kernel {platform.release()}, QEMU {qemu}, {ssh}, Python {platform.python_version()}")
+
+
+def write_section(name: str, text: str) -> None:
+    """Put `text` into docs/BENCHMARKS.md between the markers of section `name`, replacing what a
+    previous run wrote there (new sections go at the end); the file is replaced atomically."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    doc = DOC.read_text() if DOC.exists() else DOC_HEAD
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    doc = pattern.sub(lambda _m: block, doc) if pattern.search(doc) else f"{doc.rstrip()}\n\n{block}\n"
+    tmp = DOC.with_name(f".{DOC.name}.tmp")
+    tmp.write_text(doc)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(DOC)
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table (also readable on a terminal)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

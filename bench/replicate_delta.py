@@ -1,0 +1,398 @@
+"""Delta replication against its peers, side by side: vmrepl, rsync, a full copy, the OpenSSH ceiling.
+
+For each disk size and content kind, a shut-off throwaway VM gets a base image with data in 60% of
+the disk (4 MiB chunks at random places), is snapshotted and sent whole once. Then, RUNS times: 2% of
+the disk changes in 64 KiB extents at random places, a snapshot is taken, and the four peers move that
+change to the second host, in an order that rotates every run:
+
+- vmrepl: `vmrepl replicate` of the one new snapshot (a delta on the previous one), timed as a whole
+  command (start-up, ssh connect, bitmap query, reading, compressing, sending, the receiver's commit).
+- rsync: `rsync --inplace --no-whole-file` of the whole image, a single qcow2 file that took the same
+  writes in place (as the VM's own disk would, without snapshots), onto the destination's copy of the
+  previous state.
+- full copy: `cat IMAGE | ssh host 'cat > FILE'` of that same qcow2 file (the naive peer).
+- ceiling: `ssh host 'cat > FILE' < CHANGED` of exactly the changed bytes (one file holding the
+  extents back to back, in page cache): what one OpenSSH stream can move.
+
+Every OpenSSH peer uses aes128-gcm, OpenSSH's fastest cipher here. Bytes are what each tool sends
+(vmrepl's stream, rsync's "Total bytes sent", the file sizes) and, as a check, the growth of the
+source veth's tx counter (the smallest over the runs: other users of the second host only add to it).
+
+Run from the checkout: `.venv/bin/python bench/replicate_delta.py [--runs N] [--sizes 4,8] [--kinds
+random,binaries] [--no-profile]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+import common as c
+from testbed import VMREPL
+from testbed import vm as testvm
+from testbed.host import SecondHost
+
+FILL = 0.6
+CHUNK = 4 * c.MiB
+CHANGE = 0.02
+EXTENT = 64 * c.KiB
+CORPUS = 768 * c.MiB
+PEERS = ("vmrepl", "rsync", "full copy", "ceiling")
+VETH_TX = Path("/sys/class/net/vmrepl-s0/statistics/tx_bytes")
+PROFILE_RATE = 200
+PROFILE_CHANGE = 5  # times the benchmark's change (overlaps make it a little less)
+
+
+@dataclass
+class Samples:
+    seconds: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    sent: dict[str, list[int]] = field(default_factory=lambda: collections.defaultdict(list))
+    wire: dict[str, list[int]] = field(default_factory=lambda: collections.defaultdict(list))
+    rss_kib: list[int] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    inner: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    size: int
+    kind: str
+    image_bytes: int
+    changed: int
+    initial: tuple[float, int]
+    samples: Samples
+    profile: str | None
+
+
+# --- content ---------------------------------------------------------------------------------------
+
+class Content:
+    """Where the bytes come from: fresh random bytes, or real binaries (ELF programs and libraries)."""
+
+    def __init__(self, kind: str, rng: random.Random) -> None:
+        self.kind = kind
+        self.rng = rng
+        self.corpus = _binaries(CORPUS) if kind == "binaries" else None
+
+    def chunk(self, n: int) -> bytes:
+        """n bytes for the base image."""
+        if self.corpus is None:
+            return os.urandom(n)
+        start = self.rng.randrange(0, len(self.corpus) - n) & ~(c.MiB - 1)
+        return bytes(self.corpus[start:start + n])
+
+    def extent(self) -> bytes:
+        """64 KiB for a change: a window at an arbitrary byte offset, so that it matches no block of
+        the old image (rsync could otherwise find it there)."""
+        if self.corpus is None:
+            return os.urandom(EXTENT)
+        start = self.rng.randrange(0, len(self.corpus) - EXTENT)
+        return bytes(self.corpus[start:start + EXTENT])
+
+
+def _binaries(limit: int) -> memoryview:
+    buf = bytearray()
+    for top in ("/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib"):
+        for root, _dirs, files in os.walk(top):
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                with open(path, "rb") as f:
+                    if f.read(4) != b"\x7fELF":
+                        continue
+                    buf += b"\x7fELF" + f.read(limit - len(buf) - 4)
+                if len(buf) >= limit:
+                    return memoryview(buf)
+    return memoryview(buf)
+
+
+def fill_base(image: Path, size: int, content: Content, rng: random.Random) -> None:
+    with c.nbd_image(image) as h:
+        for offset in range(0, size, CHUNK):
+            if rng.random() < FILL:
+                c.pwrite(h, content.chunk(CHUNK), offset)
+
+
+def make_change(size: int, content: Content, rng: random.Random) -> list[tuple[int, bytes]]:
+    count = int(size * CHANGE) // EXTENT
+    slots = sorted(rng.sample(range(size // EXTENT), count))
+    return [(slot * EXTENT, content.extent()) for slot in slots]
+
+
+def apply_change(image: Path, change: list[tuple[int, bytes]]) -> None:
+    with c.nbd_image(image) as h:
+        for offset, data in change:
+            h.pwrite(data, offset)
+
+
+# --- the peers -------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, host: SecondHost, work: Path) -> None:
+        self.host = host
+        self.src_state = c.public_dir(work / "src-state")
+        self.dst_state = c.public_dir(work / "dst-state")
+        self.peer_dir = c.public_dir(work / "dst-peers")
+        self.ssh = c.ssh_command(host)
+
+    def replicate_argv(self, vm: str) -> list[str]:
+        return [str(VMREPL), "replicate", vm, "--to", self.host.destination, "--identity", str(self.host.identity),
+                "--known-hosts", str(self.host.known_hosts), "--remote-command",
+                f"{VMREPL} receive --state-dir {self.dst_state}", "--json", "--state-dir", str(self.src_state)]
+
+    def vmrepl(self, vm: str, samples: Samples | None) -> tuple[float, int]:
+        t = c.timed(self.replicate_argv(vm))
+        [sent] = json.loads(t.stdout)
+        if samples is not None:
+            samples.rss_kib.append(t.max_rss_kib)
+            samples.cpu.append(t.cpu_seconds)
+            samples.inner.append(sent["seconds"])
+        return t.seconds, sent["bytes_sent"]
+
+    def rsync(self, image: Path) -> tuple[float, int]:
+        seconds, proc = c.stopwatch(["rsync", "--inplace", "--no-whole-file", "--stats", "-e", shlex.join(self.ssh),
+                                     image, f"{self.host.destination}:{self.peer_dir / 'rsync.qcow2'}"])
+        sent = next(int(line.split(":")[1].split()[0].replace(",", ""))
+                    for line in proc.stdout.decode().splitlines() if line.startswith("Total bytes sent"))
+        return seconds, sent
+
+    def cat(self, path: Path, name: str) -> tuple[float, int]:
+        with open(path, "rb") as f:
+            seconds, _ = c.stopwatch([*self.ssh, self.host.destination, f"cat > {self.peer_dir / name}"], stdin=f)
+        return seconds, path.stat().st_size
+
+
+def tx_bytes() -> int:
+    return int(VETH_TX.read_text())
+
+
+# --- one configuration -----------------------------------------------------------------------------
+
+def run_config(bench: Bench, conn: libvirt.virConnect, size: int, kind: str, runs: int, work: Path,
+               profile: bool) -> Result:
+    rng = random.Random(f"{size}-{kind}")
+    content = Content(kind, rng)
+    vm = testvm.create_vm(conn, {"vda": size}, label=f"bench-{size // c.GiB}g-{kind}", start=False)
+    try:
+        fill_base(vm.current_image("vda"), size, content, rng)
+        flat = work / "flat.qcow2"
+        subprocess.run(["cp", "--sparse=always", vm.current_image("vda"), flat], check=True)
+        subprocess.run(["cp", "--sparse=always", flat, bench.peer_dir / "rsync.qcow2"], check=True)
+        image_bytes = flat.stat().st_size
+        c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
+        initial = bench.vmrepl(vm.name, None)
+        print(f"  {size // c.GiB} GiB {kind}: image {image_bytes / c.GiB:.2f} GiB, initial full send "
+              f"{initial[0]:.1f} s, {initial[1] / c.GiB:.2f} GiB sent", flush=True)
+        samples = Samples()
+        changed = 0
+        for i in range(runs):
+            change = make_change(size, content, rng)
+            changed = len(change) * EXTENT
+            apply_change(vm.current_image("vda"), change)
+            apply_change(flat, change)
+            changed_file = work / "changed.bin"
+            with open(changed_file, "wb") as f:
+                for _offset, data in change:
+                    f.write(data)
+            c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
+            peers = {"vmrepl": lambda: bench.vmrepl(vm.name, samples),
+                     "rsync": lambda: bench.rsync(flat),
+                     "full copy": lambda: bench.cat(flat, "full.qcow2"),
+                     "ceiling": lambda: bench.cat(changed_file, "changed.bin")}
+            order = PEERS[i % len(PEERS):] + PEERS[:i % len(PEERS)]
+            for peer in order:
+                before = tx_bytes()
+                seconds, sent = peers[peer]()
+                samples.wire[peer].append(tx_bytes() - before)
+                samples.seconds[peer].append(seconds)
+                samples.sent[peer].append(sent)
+            print(f"  run {i + 1}: " + ", ".join(f"{p} {samples.seconds[p][-1]:.2f} s" for p in PEERS), flush=True)
+        prof = None
+        if profile:  # a larger delta, so that streaming outweighs start-up in the samples
+            change = [e for _ in range(PROFILE_CHANGE) for e in make_change(size, content, rng)]
+            apply_change(vm.current_image("vda"), change)
+            c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
+            prof = profile_sender(bench, vm.name, c.public_dir(c.BENCH_DIR / "profiles") / f"replicate-{kind}.txt")
+        return Result(size, kind, image_bytes, changed, initial, samples, prof)
+    finally:
+        vm.remove()
+        for leftover in (bench.peer_dir / "rsync.qcow2", bench.peer_dir / "full.qcow2", work / "flat.qcow2"):
+            leftover.unlink(missing_ok=True)
+
+
+# --- profile ---------------------------------------------------------------------------------------
+
+def profile_sender(bench: Bench, vm: str, out: Path) -> str | None:
+    """Sample the sender's CPU with py-spy (every thread, idle time left out) and return the top entries."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    if not py_spy.exists():
+        return None
+    subprocess.run([py_spy, "record", "--native", "--format", "raw", "--threads", "-r",
+                    str(PROFILE_RATE), "-o", out, "--", *bench.replicate_argv(vm)],
+                   check=True, capture_output=True)
+    return summarize_profile(out)
+
+
+def summarize_profile(path: Path) -> str:
+    """Where the sender's samples went, from py-spy's collapsed native+Python stacks
+    (`thread (TID): NAME;frame;...;frame COUNT`): per thread, and per kind of work."""
+    threads: collections.Counter[str] = collections.Counter()
+    work: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        threads[_thread(frames)] += int(count)
+        work[_category(frames)] += int(count)
+    total = sum(work.values())
+
+    def rows(counter: collections.Counter[str]) -> list[list[str]]:
+        return [[name, f"{100 * n / total:.0f}%"] for name, n in counter.most_common()]
+
+    return (f"{total} samples at {PROFILE_RATE} Hz (py-spy --native, idle threads left out; a thread blocked in "
+            "recv or a queue still shows as 'waiting').\n\n" + c.table(["thread", "samples"], rows(threads))
+            + "\n\n" + c.table(["work (innermost recognised frame)", "samples"], rows(work)))
+
+
+def _thread(frames: list[str]) -> str:
+    name = frames[0].partition(": ")[2] or "unnamed (native)"
+    if name.startswith("ThreadPoolExecutor"):
+        return "pool workers (read + checksum + compress)"
+    if name.startswith("Thread-") and any("paramiko" in f for f in frames):
+        return "paramiko transport thread"
+    if name == "MainThread":
+        return "main thread (plan, framing, channel send)"
+    return name
+
+
+# Innermost frame first: the first rule that matches a frame names the sample.
+_CATEGORIES = (
+    (("ZSTD_", "HIST_", "zstd"), "zstd compress"),
+    (("XXH", "xxhash"), "xxh3 checksum"),
+    (("libcrypto", "aead.py", "EVP_", "aes", "gcm"), "AES-GCM in paramiko (cryptography/OpenSSL)"),
+    (("read_all (paramiko", "Condition.wait", "thread.py:81", "select (", "_wait_for"), "waiting (recv, queue, lock)"),
+    (("nbd",), "NBD read (libnbd)"),
+    (("packet.py",), "paramiko packetizer (framing, padding, socket send)"),
+    (("paramiko",), "paramiko channel (window, locks)"),
+    (("wire.py",), "vmrepl wire framing"),
+    (("importlib", "<frozen", "_compiler.py", "dataclasses.py"), "start-up (imports)"),
+    (("storage_daemon", "qmp/"), "qemu-storage-daemon setup (QMP)"),
+    (("changes.py",), "changed extents (bitmap block status)"),
+    (("catalog", "sqlite"), "catalog (SQLite)"),
+    (("threading.py", "concurrent/futures"), "threads (futures, locks)"),
+)
+
+
+def _category(frames: list[str]) -> str:
+    for frame in reversed(frames[1:]):
+        for needles, name in _CATEGORIES:
+            if any(n in frame for n in needles):
+                return name
+    return "other"
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def report(results: list[Result], runs: int) -> str:
+    rows, checks = [], []
+    for r in results:
+        s = r.samples
+        med = {p: c.median(s.seconds[p]) for p in PEERS}
+        for p in PEERS:
+            rows.append([f"{r.size // c.GiB} GiB", r.kind, p, f"{med[p]:.2f}", _mb(c.median(s.sent[p])),
+                         _mb(min(s.wire[p])), f"{r.changed / med[p] / 1e6:.0f}",
+                         f"{max(s.rss_kib) / 1024:.0f} MiB" if p == "vmrepl" else ""])
+        label = f"{r.size // c.GiB} GiB {r.kind}"
+        vs_ceiling = med["vmrepl"] / med["ceiling"]
+        vs_rsync = med["rsync"] / med["vmrepl"]
+        if r.kind == "random":
+            checks.append([label, "vmrepl within 2x of the ceiling", f"{vs_ceiling:.2f}x", _ok(vs_ceiling <= 2)])
+        else:
+            checks.append([label, "vmrepl faster than the ceiling", f"{vs_ceiling:.2f}x", _ok(vs_ceiling < 1)])
+        checks.append([label, "rsync / vmrepl >= 3", f"{vs_rsync:.1f}x", _ok(vs_rsync >= 3)])
+    for kind in sorted({r.kind for r in results}):
+        by_size = sorted((r.size, c.median(r.samples.seconds["rsync"]) / c.median(r.samples.seconds["vmrepl"]))
+                         for r in results if r.kind == kind)
+        if len(by_size) > 1:
+            grows = all(b[1] > a[1] for a, b in zip(by_size, by_size[1:]))
+            checks.append([kind, "margin over rsync grows with the disk",
+                           " -> ".join(f"{v:.1f}x" for _, v in by_size), _ok(grows)])
+    rss = max(max(r.samples.rss_kib) for r in results) / 1024
+    checks.append(["all", "vmrepl sender peak RSS bounded (same for 4 and 8 GiB)", f"{rss:.0f} MiB", _ok(rss < 256)])
+    details = [[f"{r.size // c.GiB} GiB", r.kind, f"{r.image_bytes / c.GiB:.2f} GiB", _mb(r.changed),
+                f"{r.initial[0]:.1f} s / {_mb(r.initial[1])}", f"{c.median(r.samples.inner):.2f}",
+                f"{c.median(r.samples.cpu):.2f}"] for r in results]
+    return "\n\n".join([
+        c.table(["disk", "content", "peer", "seconds (median)", "MB sent", "MB on veth (min)",
+                 "MB/s of changed data", "sender peak RSS"], rows),
+        c.table(["disk", "content", "qcow2 image", "MB changed", "vmrepl initial full send", "vmrepl's own seconds",
+                 "vmrepl sender CPU s"], details),
+        "Targets (issue 5), from the medians above:",
+        c.table(["case", "target", "measured", "met"], checks),
+    ])
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def _ok(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes", default="4,8", help="disk sizes in GiB, comma-separated")
+    parser.add_argument("--kinds", default="random,binaries")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-doc", action="store_true", help="print the tables only")
+    args = parser.parse_args()
+    sizes = [int(s) * c.GiB for s in args.sizes.split(",")]
+    kinds = args.kinds.split(",")
+    work = c.fresh_dir("replicate_delta")
+    conn = libvirt.open("qemu:///system")
+    results = []
+    started = time.monotonic()
+    # The session's shared lock keeps a test run that ends meanwhile from stopping the host under us.
+    with SecondHost().session() as host:
+        bench = Bench(host, work)
+        try:
+            for size in sizes:
+                for kind in kinds:
+                    profile = not args.no_profile and size == sizes[0]
+                    results.append(run_config(bench, conn, size, kind, args.runs, work, profile))
+        finally:
+            conn.close()
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    text = report(results, args.runs)
+    print(text)
+    profiles = [f"### Sender profile, {r.size // c.GiB} GiB {r.kind}, one extra delta\n\n{r.profile}"
+                for r in results if r.profile]
+    for p in profiles:
+        print("\n" + p)
+    if not args.no_doc:
+        c.write_section("replicate_delta", "\n\n".join([
+            "## Delta replication: vmrepl against rsync, a full copy and the OpenSSH ceiling",
+            f"Measured {c.machine()}; {args.runs} runs per peer, alternating; the whole run took "
+            f"{elapsed / 60:.1f} min. Rerun: `.venv/bin/python bench/replicate_delta.py`.",
+            (__doc__ or "").split("\n\n", 1)[1].rsplit("\n\nRun from", 1)[0],
+            text, *profiles]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
