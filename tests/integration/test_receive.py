@@ -63,3 +63,25 @@ def test_latest_first_then_backfill(make_vm, second_host, src_state, dst_state, 
     assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
     assert_linear(run_vmrepl, dst_state, vm)
     run_vmrepl("verify", vm.name, *replicate_args(second_host, dst_state), state_dir=src_state)
+
+
+def test_a_silent_sender_does_not_hold_the_receiver_forever(dst_state):
+    """A sender that vanished without closing the connection: the receiver gives up and exits 1."""
+    import subprocess
+    import time
+
+    from testbed import VMREPL
+
+    env = {"VMREPL_RECEIVE_IDLE_SECONDS": "1", "PATH": "/usr/bin:/bin"}
+    started = time.monotonic()
+    proc = subprocess.Popen([str(VMREPL), "receive", "--state-dir", str(dst_state)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        proc.wait(timeout=30)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.stdin.close()
+        proc.kill()
+    assert proc.returncode == 1
+    assert time.monotonic() - started < 20
+    assert err.strip() == "vmrepl: the sender sent nothing for 1 s; giving up; run replicate again: it resumes what arrived"

@@ -185,10 +185,11 @@ class LayerWriter:
 
     def _complete_oldest(self) -> None:
         h = self._handle()
-        cookie = self._pending[0]
+        # Retire the cookie first: a command that failed (ENOSPC) is gone from libnbd once reported, and
+        # polling for it again would wait forever on a connection with nothing in flight.
+        cookie = self._pending.popleft()
         while not self._nbd(h.aio_command_completed, cookie):
             self._nbd(h.poll, -1)
-        self._pending.popleft()
 
     def _drain(self) -> None:
         while self._pending:

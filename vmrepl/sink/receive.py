@@ -12,13 +12,16 @@ that is not the protocol ends the session with one ERROR frame; nothing half-rec
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import select
 import time
 from pathlib import Path
 from typing import BinaryIO
 
 from ..catalog import Catalog, Layer, Snapshot
 from ..digest import image_digest
-from ..errors import ProtocolError, SinkError, VmreplError
+from ..errors import ProtocolError, SinkError, TransportError, VmreplError
 from ..qemu import img
 from ..qemu.storage_daemon import StorageDaemon
 from ..state import vm_lock
@@ -30,11 +33,30 @@ from .store import Progress, Store
 
 PROGRESS_BYTES = 256 << 20   # a resume point (flush + progress file) every this many bytes received
 PROGRESS_SECONDS = 10.0      # ... or this often, whichever comes first
+IDLE_SECONDS = float(os.environ.get("VMREPL_RECEIVE_IDLE_SECONDS", 900))  # silence that ends a session
+
+
+class _IdleLimitedInput(io.RawIOBase):
+    """stdin that gives up when the sender sends nothing for IDLE_SECONDS: a peer that vanished without
+    closing the connection must not hold the VM's lock (and the partial transfer) forever."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.fd = stream.fileno()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        ready, _, _ = select.select([self.fd], [], [], IDLE_SECONDS)
+        if not ready:
+            raise TransportError(f"the sender sent nothing for {IDLE_SECONDS:.0f} s; giving up",
+                                 hint="run replicate again: it resumes what arrived")
+        return os.readv(self.fd, [buffer])
 
 
 def serve(stdin: BinaryIO, stdout: BinaryIO, state_dir: Path) -> None:
     """Run one session; a failure is sent to the sender as an ERROR frame, then raised."""
-    reader = FrameReader(stdin, peer="sender")
+    reader = FrameReader(io.BufferedReader(_IdleLimitedInput(stdin), 1 << 20), peer="sender")
     writer = FrameWriter(stdout)
     try:
         hello = reader.expect(Hello)
