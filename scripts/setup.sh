@@ -51,10 +51,27 @@ if [[ -e /dev/kvm ]]; then
   chgrp kvm /dev/kvm && chmod 660 /dev/kvm
 fi
 
+# `vmrepl` on root's PATH (ssh forced commands, the libvirt hook), and the libvirt hook itself, which
+# libvirtd only picks up when it starts: restart it (by PID, there is no systemd here) when the hook changed.
+[[ "$(readlink /usr/local/bin/vmrepl)" == "$venv/bin/vmrepl" ]] || ln -sfn "$venv/bin/vmrepl" /usr/local/bin/vmrepl
+hook=/etc/libvirt/hooks/qemu.d/vmrepl
+restart_libvirtd=false
+if ! cmp -s "$top/hooks/qemu" "$hook"; then
+  say "installing the libvirt hook $hook"
+  install -D -m 0755 "$top/hooks/qemu" "$hook"
+  restart_libvirtd=true
+fi
+
 if [[ -d /run/systemd/system ]]; then
+  $restart_libvirtd && systemctl restart libvirtd
   systemctl start virtlogd libvirtd
 else
   pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
+  if $restart_libvirtd && pid=$(pgrep -x libvirtd); then
+    say "restarting libvirtd (pid $pid) to load the hook"
+    kill "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
   if ! pgrep -x libvirtd >/dev/null; then
     say "starting libvirtd"
     libvirtd -d

@@ -34,14 +34,18 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "libvirt: uses libvirtd and throwaway VMs (set from the fixtures)")
     config.addinivalue_line("markers", "second_host: uses the second host in its network namespace (set from the fixtures)")
+    config.addinivalue_line("markers", "restarts_libvirtd: restarts libvirtd, which cuts every open libvirt "
+                                       "connection: such tests run last")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests by the real components they use, so `-m "not libvirt"` selects the quick ones."""
+    """Mark tests by the real components they use, so `-m "not libvirt"` selects the quick ones; tests
+    that restart libvirtd go last (the session's libvirt connection does not survive them)."""
     for item in items:
         for marker, fixtures in MARKERS.items():
             if any(f in getattr(item, "fixturenames", ()) for f in fixtures):
                 item.add_marker(marker)
+    items.sort(key=lambda item: item.get_closest_marker("restarts_libvirtd") is not None)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -40,7 +40,7 @@ def hook_event(env: Env, vm: str, operation: str) -> None:
         nodes = domain.top_bitmaps(dom)
         lost = [d.target for d in domain.disks(dom)
                 if (b := nodes.get(d.image, ("", None))[1]) is None or b.get("inconsistent")]
-        state = f"tracking lost on {', '.join(lost)} (the next snapshot falls back and rebuilds it)" if lost \
+        state = f"no sound change tracking on {', '.join(lost)} (the next snapshot falls back and rebuilds it)" if lost \
             else "change tracking ok"
         click.echo(f"{stamp} {vm} started: {state}")
         return
