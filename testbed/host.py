@@ -30,6 +30,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from vmrepl.state import write_file_durably
+
 from . import ROOT, RUN_DIR, pid_alive, public_dir, run
 
 DEFAULT_NETNS = "vmrepl-dst"
@@ -280,13 +282,8 @@ def _keygen(path: Path) -> None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_file_durably(path, text.encode())
+    path.chmod(0o644)  # sshd's StrictModes wants no group or other write bits, whatever the umask
 
 
 def _terminate(pid: int) -> None:
