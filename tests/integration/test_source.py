@@ -203,3 +203,15 @@ def test_second_run_on_the_same_vm_fails_clearly(make_vm, src_state, run_vmrepl)
     assert result.returncode == 1
     assert result.stderr.strip() == "vmrepl: another vmrepl run is working on this VM; wait for it to finish, then retry"
     snapshot(run_vmrepl, src_state, vm)  # and the lock is free again
+
+
+def test_quiesce_without_guest_agent_is_refused_cleanly(make_vm, src_state, run_vmrepl):
+    vm = make_vm()
+    files_before = sorted(vm.dir.iterdir())
+    result = run_vmrepl("snapshot", vm.name, "--quiesce", state_dir=src_state, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"vmrepl: cannot quiesce {vm.name}: ")
+    assert "install and start qemu-guest-agent" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(vm.dir.iterdir()) == files_before
+    assert json.loads(run_vmrepl("status", "--json", state_dir=src_state).stdout)["vms"] == []
+    snapshot(run_vmrepl, src_state, vm)  # and without --quiesce it works
