@@ -262,6 +262,24 @@ def test_silent_sender_releases_the_destination(rig: Rig, replicated) -> None:
     rig.recovers(replicated, snap, resend_at_most=0.5)
 
 
+@pytest.mark.parametrize("step", ["before-catalog", "after-catalog"])
+def test_receiver_dies_at_commit(rig: Rig, replicated, step: str) -> None:
+    """The receiver dies (VMREPL_CRASH_AT, sink/chain.py) with every layer renamed into place: just
+    before the catalog row, or after it with the OK not yet sent (the ack is lost)."""
+    snap = rig.snapshot(DELTA)
+    failed = rig.replicate(check=False, remote=f"env VMREPL_CRASH_AT={step} {VMREPL} receive --state-dir {rig.dst}")
+    assert_one_line(failed, r"connection to 10\.213\.0\.2 dropped|remote command failed on 10\.213\.0\.2")
+    if step == "before-catalog":
+        rig.recovers(replicated, snap, resend_at_most=0.01)  # every disk arrived: only the commit is left
+        return
+    rig.no_receiver_left()
+    held, layers = rig.destination()
+    assert [s["id"] for s in held] == [s["id"] for s in replicated[0]] + [snap["id"]]
+    assert replicated[1].items() <= layers.items()
+    assert rig.replicate().json() == []  # the snapshot is held: nothing to send again
+    rig.verify()
+
+
 # --- the destination cannot store or the stream is corrupt --------------------------------------
 
 @pytest.fixture
