@@ -156,18 +156,20 @@ class Rig:
         wait_until(lambda: not self.receivers(), "the interrupted receiver has exited", timeout=20)
 
     def recovers(self, before: tuple[list[dict], dict[str, str]], snap: dict, *,
-                 resend_at_most: float | None = None) -> dict:
+                 resend_at_most: float | None = None) -> None:
         """After a fault: the destination is as it was (a partial, if any, stays hidden), the next
-        replicate sends `snap` (at most `resend_at_most` of its changed bytes) and verify passes."""
+        replicate sends `snap` (at most `resend_at_most` of its changed bytes), appends it without
+        touching the older layers, and verify passes."""
         self.no_receiver_left()
         assert self.destination() == before
         (sent,) = self.replicate().json()
         assert sent["id"] == snap["id"]
         if resend_at_most is not None:
             assert sent["bytes_sent"] < resend_at_most * sent["bytes_changed"], sent
-        assert [s["id"] for s in self.destination()[0]] == [s["id"] for s in before[0]] + [snap["id"]]
+        held, layers = self.destination()
+        assert [s["id"] for s in held] == [s["id"] for s in before[0]] + [snap["id"]]
+        assert before[1].items() <= layers.items()
         self.verify()
-        return sent
 
 
 @pytest.fixture
