@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -41,6 +42,10 @@ ALLOCATION = "base:allocation"
 _START_TIMEOUT = 15.0
 _QMP_TIMEOUT = 120.0
 _PR_SET_PDEATHSIG = 1
+
+# qemu.qmp logs the failures it also raises; vmrepl reports them once, as one line.
+logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
+logging.getLogger("qemu.qmp").propagate = False
 
 
 def dirty_bitmap_context(name: str) -> str:
@@ -84,12 +89,29 @@ class StorageDaemon:
             raise QemuError("qemu-storage-daemon is not installed", hint="run scripts/setup.sh") from None
         try:
             self._wait_for(qmp_socket)
-            self._qmp = QEMUMonitorProtocol(str(qmp_socket))
-            self._qmp.connect()
-            self._qmp.settimeout(_QMP_TIMEOUT)
+            self._qmp = self._connect_qmp(qmp_socket)
         except BaseException:
             self.stop()
             raise
+
+    def _connect_qmp(self, socket: Path) -> QEMUMonitorProtocol:
+        """Connect and negotiate; the socket file exists a moment before the daemon accepts on it, so
+        a refused or half-negotiated first try is retried until the start deadline."""
+        assert self._proc is not None
+        deadline = time.monotonic() + _START_TIMEOUT
+        while True:
+            qmp = QEMUMonitorProtocol(str(socket))
+            try:
+                qmp.connect()
+                qmp.settimeout(_QMP_TIMEOUT)
+                return qmp
+            except (QMPError, OSError, AssertionError, EOFError) as err:
+                with contextlib.suppress(QMPError, OSError, EOFError, AssertionError):
+                    qmp.close()
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise QemuError(f"cannot talk to qemu-storage-daemon: {err or type(err).__name__}",
+                                    hint=f"see its message: {self._log_tail()}") from None
+                time.sleep(0.02)
 
     def stop(self) -> None:
         """Quit the daemon (kill it if it does not go within 5 s) and remove its sockets."""
