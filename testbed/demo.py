@@ -42,14 +42,6 @@ def vmrepl(host: SecondHost, *args: str) -> list | dict:
     return json.loads(proc.stdout)
 
 
-def write_random(vm: VM, target: str, offset: int, length: int) -> None:
-    source = vm.dir / "demo-data.bin"
-    source.write_bytes(os.urandom(length))
-    source.chmod(0o644)
-    vm.write_file(target, offset, source)
-    source.unlink()
-
-
 def demo(host: SecondHost, vm: VM) -> bool:
     """The demo's steps; True when every replicated snapshot verified."""
     step(f"VM {vm.name} runs under libvirt ({domain_type(URI)}, no OS), disks vda 512 MiB and vdb 256 MiB")
@@ -58,12 +50,12 @@ def demo(host: SecondHost, vm: VM) -> bool:
     rows = []
     for round_ in range(1, 4):
         if round_ == 1:
-            write_random(vm, "vda", 0, 48 * MiB)
-            write_random(vm, "vdb", 64 * MiB, 16 * MiB)
+            vm.write_random("vda", 0, 48 * MiB)
+            vm.write_random("vdb", 64 * MiB, 16 * MiB)
             what = "64 MiB of random data"
         else:
             for _ in range(8):
-                write_random(vm, rng.choice(["vda", "vdb"]), rng.randrange(0, 250) * MiB, 256 * 1024)
+                vm.write_random(rng.choice(["vda", "vdb"]), rng.randrange(0, 250) * MiB, 256 * 1024)
             vm.write_zeroes("vda", 8 * MiB, 8 * MiB)
             what = "8 x 256 KiB of random data at random offsets and 8 MiB of zeros"
         step(f"round {round_}: wrote {what} into the running VM, then snapshot and replicate")

@@ -118,6 +118,16 @@ class VM:
         length = source.stat().st_size
         self._qemu_io(target, offset, length, f"write -s {source} {offset} {length}")
 
+    def write_random(self, target: str, offset: int, length: int) -> None:
+        """Fill [offset, offset+length) with random (incompressible) bytes, as the guest would."""
+        source = self.dir / f".random-{os.getpid()}-{offset}.bin"
+        source.write_bytes(os.urandom(length))
+        source.chmod(0o644)
+        try:
+            self.write_file(target, offset, source)
+        finally:
+            source.unlink()
+
     def remove(self) -> None:
         """Destroy and undefine the domain (with its snapshot and checkpoint metadata), delete its files."""
         remove_domain(self.conn, self.name)
@@ -217,6 +227,16 @@ def _removable(name: str, owner: int | None) -> bool:
         return False
     match = _OWNER.match(name)
     return match is None or int(match.group(1)) == owner or not pid_alive(int(match.group(1)))
+
+
+def qemu_io(image: Path | str, *commands: str) -> None:
+    """Run qemu-io commands on a qcow2 image no one else has open; any error fails."""
+    args = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        args += ["-c", command]
+    proc = run([*args, image])
+    if "error" in (proc.stdout + proc.stderr).lower():
+        raise RuntimeError(f"qemu-io on {image}: {(proc.stdout + proc.stderr).strip()}")
 
 
 def read_matches(image: Path | str, offset: int, length: int, byte: int) -> bool:

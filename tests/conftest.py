@@ -23,6 +23,7 @@ import pytest
 from testbed import RUN_DIR, VMREPL, pid_alive, public_dir
 from testbed.host import SecondHost
 from testbed.vm import VM, cleanup_leftovers, create_vm
+from vmrepl.qemu.storage_daemon import StorageDaemon
 
 TESTS_DIR = RUN_DIR / "tests"
 MARKERS = {
@@ -167,6 +168,13 @@ def make_vm(libvirt_conn: libvirt.virConnect) -> Iterator[Callable[..., VM]]:
     yield make_vm
     for vm in made:
         vm.remove()
+
+
+@pytest.fixture
+def daemon() -> Iterator[StorageDaemon]:
+    """A private qemu-storage-daemon for the test, stopped after it."""
+    with StorageDaemon() as d:
+        yield d
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ as deltas on the anchor (issue 6 items 5 and 6)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 from testbed import VMREPL
@@ -18,17 +17,10 @@ def ssh_args(host, receiver_state) -> list[str]:
             "--remote-command", f"{VMREPL} receive --state-dir {receiver_state}"]
 
 
-def write_random(vm: VM, target: str, offset: int, length: int) -> None:
-    source = vm.dir / f"random-{offset}.bin"
-    source.write_bytes(os.urandom(length))
-    source.chmod(0o644)
-    vm.write_file(target, offset, source)
-
-
 def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second_host, src_state, dst_state,
                                                     run_vmrepl):
     origin = make_vm({"vda": 64 * MiB})
-    write_random(origin, "vda", 0, 8 * MiB)
+    origin.write_random("vda", 0, 8 * MiB)
     base = run_vmrepl("snapshot", origin.name, "--json", state_dir=src_state).json()
     run_vmrepl("replicate", origin.name, *ssh_args(second_host, dst_state), state_dir=src_state)
 
@@ -38,7 +30,7 @@ def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second
         assert made["origin"] == base["id"]
         clone = VM(libvirt_conn, name, origin.dir)
         clone.start()
-        write_random(clone, "vda", 16 * MiB, MiB)
+        clone.write_random("vda", 16 * MiB, MiB)
         own = run_vmrepl("snapshot", name, "--json", state_dir=src_state).json()
         assert own["parent"] == base["id"] and own["vm_uuid"] != base["vm_uuid"]
         (sent,) = run_vmrepl("replicate", name, "--json", *ssh_args(second_host, dst_state), state_dir=src_state).json()
@@ -55,9 +47,9 @@ def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second
 def test_failover_then_failback_sends_only_the_changes_since_the_anchor(make_vm, libvirt_conn, second_host,
                                                                        src_state, dst_state, run_vmrepl):
     vm = make_vm({"vda": 64 * MiB, "vdb": 32 * MiB})
-    write_random(vm, "vda", 0, 4 * MiB)
+    vm.write_random("vda", 0, 4 * MiB)
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
-    write_random(vm, "vdb", MiB, 2 * MiB)
+    vm.write_random("vdb", MiB, 2 * MiB)
     anchor = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
     run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
     vm.shutoff()  # the source host "fails"
@@ -67,7 +59,7 @@ def test_failover_then_failback_sends_only_the_changes_since_the_anchor(make_vm,
         run_vmrepl("recover", vm.name, "--snapshot", anchor["id"], "--as", name, "--start", state_dir=dst_state)
         recovered = VM(libvirt_conn, name, vm.dir)
         assert recovered.is_running()
-        write_random(recovered, "vda", 32 * MiB, MiB)
+        recovered.write_random("vda", 32 * MiB, MiB)
         recovered.write_zeroes("vdb", MiB, MiB)
         after = run_vmrepl("snapshot", name, "--json", state_dir=dst_state).json()
         assert after["parent"] == anchor["id"]

@@ -28,7 +28,6 @@ import xxhash
 from testbed import VMREPL, pid_alive, run
 from testbed.host import SecondHost
 from testbed.vm import VM
-from tests.integration.test_replicate import write_random
 from vmrepl import wire
 
 MiB = 1 << 20
@@ -95,7 +94,7 @@ class Rig:
     def snapshot(self, data: dict[str, int]) -> dict:
         """Write `data[target]` bytes of fresh incompressible data at the start of each disk, snapshot."""
         for target, length in data.items():
-            write_random(self.vm, target, 0, length)
+            self.vm.write_random(target, 0, length)
         return json.loads(self.run_vmrepl("snapshot", self.vm.name, "--json", state_dir=self.src).stdout)
 
     def replicate(self, *extra: str, check: bool = True, timeout: float = 120,  # type: ignore[no-untyped-def]

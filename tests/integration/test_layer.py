@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_qemu import CLUSTER, MiB, daemon, qemu_io, workdir  # noqa: F401 (fixtures)
+from tests.integration.test_qemu import CLUSTER, MiB
+from testbed.vm import qemu_io
 from vmrepl.digest import image_digest
 from vmrepl.errors import NoSpaceError, SinkError
 from vmrepl.extents import Extent
@@ -46,35 +47,35 @@ def read_pattern(path: Path, offset: int, length: int, pattern: int) -> bool:
     return "Pattern verification failed" not in proc.stdout
 
 
-def test_chain_of_three_layers_reads_back(workdir: Path, daemon: StorageDaemon) -> None:
-    reference = workdir / "reference.qcow2"
+def test_chain_of_three_layers_reads_back(work_dir: Path, daemon: StorageDaemon) -> None:
+    reference = work_dir / "reference.qcow2"
     img.create(reference, size=SIZE)
     backing: Path | None = None
     layers = []
     for k, changes in enumerate(ROUNDS):
-        final = workdir / f"layer{k}.qcow2"
+        final = work_dir / f"layer{k}.qcow2"
         with LayerWriter(final, backing=backing, virtual_size=SIZE, daemon=daemon) as w:
             write_round(w, changes)
             assert w.commit() == final
         reference_round(reference, changes)
-        shutil.copyfile(reference, workdir / f"reference{k}.qcow2")
+        shutil.copyfile(reference, work_dir / f"reference{k}.qcow2")
         layers.append(final)
         backing = final
     for k, layer in enumerate(layers):
-        assert img.compare(layer, workdir / f"reference{k}.qcow2"), f"layer {k} differs"
+        assert img.compare(layer, work_dir / f"reference{k}.qcow2"), f"layer {k} differs"
         report = img.check(layer)
         assert report["check-errors"] == 0 and "corruptions" not in report and "leaks" not in report
     chain = img.info(layers[-1], chain=True)
     assert [Path(e["filename"]).name for e in chain] == ["layer2.qcow2", "layer1.qcow2", "layer0.qcow2"]
     assert chain[0]["backing-filename"] == "layer1.qcow2"  # relative: the chain can move as a whole
-    assert not list(workdir.glob(".*.partial"))
+    assert not list(work_dir.glob(".*.partial"))
 
 
-def test_write_zeroes_over_backing_data_reads_zero_and_writes_no_data(workdir: Path, daemon: StorageDaemon) -> None:
-    base = workdir / "base.qcow2"
+def test_write_zeroes_over_backing_data_reads_zero_and_writes_no_data(work_dir: Path, daemon: StorageDaemon) -> None:
+    base = work_dir / "base.qcow2"
     img.create(base, size=SIZE)
     qemu_io(base, "write -P 0x77 0 8M")
-    top = workdir / "top.qcow2"
+    top = work_dir / "top.qcow2"
     with LayerWriter(top, backing=base, virtual_size=SIZE, daemon=daemon) as w:
         w.write_zeroes(1 * MiB, 2 * MiB)
         w.write_zeroes(5 * MiB + 100, 1000)  # inside one cluster: QEMU writes zeros into that cluster
@@ -87,36 +88,36 @@ def test_write_zeroes_over_backing_data_reads_zero_and_writes_no_data(workdir: P
     assert sum(e.length for e in own if not e.zero) <= CLUSTER
 
 
-def test_exception_inside_the_block_leaves_no_file(workdir: Path, daemon: StorageDaemon) -> None:
-    final = workdir / "layer.qcow2"
+def test_exception_inside_the_block_leaves_no_file(work_dir: Path, daemon: StorageDaemon) -> None:
+    final = work_dir / "layer.qcow2"
     with pytest.raises(RuntimeError):
         with LayerWriter(final, backing=None, virtual_size=SIZE, daemon=daemon) as w:
             w.write(0, b"x" * MiB)
             assert partial_path(final).exists() and not final.exists()
             raise RuntimeError("stream broke")
-    assert sorted(os.listdir(workdir)) == []
+    assert sorted(os.listdir(work_dir)) == []
     assert daemon.qmp("query-block-exports") == []  # export and node released
     with LayerWriter(final, backing=None, virtual_size=SIZE, daemon=daemon):
         pass  # leaving without commit() is an abort too
-    assert sorted(os.listdir(workdir)) == []
+    assert sorted(os.listdir(work_dir)) == []
 
 
-def test_committed_layer_is_never_rewritten(workdir: Path, daemon: StorageDaemon) -> None:
-    final = workdir / "layer.qcow2"
+def test_committed_layer_is_never_rewritten(work_dir: Path, daemon: StorageDaemon) -> None:
+    final = work_dir / "layer.qcow2"
     img.create(final, size=SIZE)
     with pytest.raises(SinkError, match="already exists"):
         with LayerWriter(final, backing=None, virtual_size=SIZE, daemon=daemon):
             pass
-    with LayerWriter(workdir / "other.qcow2", backing=None, virtual_size=SIZE, daemon=daemon) as w:
+    with LayerWriter(work_dir / "other.qcow2", backing=None, virtual_size=SIZE, daemon=daemon) as w:
         with pytest.raises(SinkError, match="outside the disk"):
             w.write(SIZE - 10, b"x" * 20)
 
 
-def test_kept_partial_resumes(workdir: Path, daemon: StorageDaemon) -> None:
-    base = workdir / "base.qcow2"
+def test_kept_partial_resumes(work_dir: Path, daemon: StorageDaemon) -> None:
+    base = work_dir / "base.qcow2"
     img.create(base, size=SIZE)
     qemu_io(base, "write -P 0x55 0 32M")
-    final = workdir / "layer.qcow2"
+    final = work_dir / "layer.qcow2"
     with pytest.raises(RuntimeError):
         with LayerWriter(final, backing=base, virtual_size=SIZE, daemon=daemon, keep_partial=True) as w:
             w.write(0, b"\x01" * (6 * MiB))
@@ -131,28 +132,28 @@ def test_kept_partial_resumes(workdir: Path, daemon: StorageDaemon) -> None:
     assert read_pattern(final, 0, 6 * MiB, 1) and read_pattern(final, 6 * MiB, 4 * MiB, 0x55)
     assert read_pattern(final, 10 * MiB, 2 * MiB, 0)
     with pytest.raises(SinkError, match="no partial"):
-        LayerWriter.resume(workdir / "nothing.qcow2", daemon=daemon)
+        LayerWriter.resume(work_dir / "nothing.qcow2", daemon=daemon)
 
 
-def test_digest_follows_content_not_layering(workdir: Path, daemon: StorageDaemon) -> None:
-    flat = workdir / "flat.qcow2"
+def test_digest_follows_content_not_layering(work_dir: Path, daemon: StorageDaemon) -> None:
+    flat = work_dir / "flat.qcow2"
     img.create(flat, size=SIZE)
     backing = None
     for k, changes in enumerate(ROUNDS):
         reference_round(flat, changes)
-        final = workdir / f"layer{k}.qcow2"
+        final = work_dir / f"layer{k}.qcow2"
         with LayerWriter(final, backing=backing, virtual_size=SIZE, daemon=daemon) as w:
             write_round(w, changes)
             w.commit()
         backing = final
     digest = image_digest(flat, daemon=daemon)
     assert image_digest(backing, daemon=daemon) == digest
-    with LayerWriter(workdir / "again.qcow2", backing=None, virtual_size=SIZE, daemon=daemon) as w:
+    with LayerWriter(work_dir / "again.qcow2", backing=None, virtual_size=SIZE, daemon=daemon) as w:
         for changes in ROUNDS:
             write_round(w, changes)
         assert w.digest() == digest  # the writer's own view, before commit
 
-    explicit = workdir / "explicit-zeros.qcow2"  # zeros written as data hash like holes
+    explicit = work_dir / "explicit-zeros.qcow2"  # zeros written as data hash like holes
     img.create(explicit, size=SIZE)
     reference_round(explicit, [(o, n, 0 if p is None else p) for changes in ROUNDS for o, n, p in changes])
     qemu_io(explicit, "write -P 0 28M 2M")
@@ -160,14 +161,14 @@ def test_digest_follows_content_not_layering(workdir: Path, daemon: StorageDaemo
 
     qemu_io(flat, "write -P 0x14 5M 1")  # one byte differs
     assert image_digest(flat, daemon=daemon) != digest
-    other_size = workdir / "bigger.qcow2"
+    other_size = work_dir / "bigger.qcow2"
     img.create(other_size, size=SIZE + MiB)
-    img.create(workdir / "empty.qcow2", size=SIZE)
-    assert image_digest(other_size, daemon=daemon) != image_digest(workdir / "empty.qcow2", daemon=daemon)
+    img.create(work_dir / "empty.qcow2", size=SIZE)
+    assert image_digest(other_size, daemon=daemon) != image_digest(work_dir / "empty.qcow2", daemon=daemon)
 
 
-def test_digest_of_a_sparse_64_gib_disk_reads_only_its_data(workdir: Path, daemon: StorageDaemon) -> None:
-    path = workdir / "sparse.qcow2"
+def test_digest_of_a_sparse_64_gib_disk_reads_only_its_data(work_dir: Path, daemon: StorageDaemon) -> None:
+    path = work_dir / "sparse.qcow2"
     img.create(path, size=64 << 30)
     qemu_io(path, "write -P 1 0 1M", "write -P 2 40G 3M")
     start = time.monotonic()
@@ -176,8 +177,8 @@ def test_digest_of_a_sparse_64_gib_disk_reads_only_its_data(workdir: Path, daemo
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_full_disk_is_no_space_and_leaves_nothing(workdir: Path, daemon: StorageDaemon) -> None:
-    small = workdir / "small"
+def test_full_disk_is_no_space_and_leaves_nothing(work_dir: Path, daemon: StorageDaemon) -> None:
+    small = work_dir / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(small)], check=True)
     try:
@@ -191,8 +192,8 @@ def test_full_disk_is_no_space_and_leaves_nothing(workdir: Path, daemon: Storage
         subprocess.run(["umount", str(small)], check=True)
 
 
-def test_partial_survives_a_killed_daemon_and_resumes(workdir: Path) -> None:
-    final = workdir / "layer.qcow2"
+def test_partial_survives_a_killed_daemon_and_resumes(work_dir: Path) -> None:
+    final = work_dir / "layer.qcow2"
     with pytest.raises(SinkError):
         with StorageDaemon() as d:
             with LayerWriter(final, backing=None, virtual_size=SIZE, daemon=d, keep_partial=True) as w:

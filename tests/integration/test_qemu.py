@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from testbed.vm import qemu_io
 from vmrepl.errors import ChangeTrackingError, NotFoundError
 from vmrepl.extents import Extent
 from vmrepl.qemu import QemuError, img
@@ -22,29 +20,6 @@ MiB = 1 << 20
 KiB = 1 << 10
 CLUSTER = 64 * KiB
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """Images live under the checkout's run/ (gitignored), on a real file system rather than /tmp."""
-    path = REPO / "run" / f"test-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon() -> Iterator[StorageDaemon]:
-    with StorageDaemon() as d:
-        yield d
-
-
-def qemu_io(path: Path, *commands: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for command in commands:
-        args += ["-c", command]
-    proc = subprocess.run([*args, str(path)], capture_output=True, text=True, check=True)
-    assert "error" not in proc.stdout.lower() + proc.stderr.lower(), proc.stdout + proc.stderr
 
 
 def make_inconsistent_bitmap(path: Path, name: str) -> None:
@@ -60,8 +35,8 @@ def make_inconsistent_bitmap(path: Path, name: str) -> None:
     proc.wait()
 
 
-def test_img_create_chain_map_check_compare(workdir: Path) -> None:
-    base, top = workdir / "base.qcow2", workdir / "top.qcow2"
+def test_img_create_chain_map_check_compare(work_dir: Path) -> None:
+    base, top = work_dir / "base.qcow2", work_dir / "top.qcow2"
     img.create(base, size=16 * MiB)
     img.create(top, size=16 * MiB, backing="base.qcow2")
     qemu_io(base, "write -P 0x11 0 128k", "write -P 0x22 8M 64k")
@@ -79,7 +54,7 @@ def test_img_create_chain_map_check_compare(workdir: Path) -> None:
     assert img.check(top)["check-errors"] == 0 and "corruptions" not in img.check(top)
     assert img.compare(top, top) and not img.compare(top, base)
 
-    other = workdir / "other.qcow2"
+    other = work_dir / "other.qcow2"
     img.create(other, size=16 * MiB)
     img.rebase_unsafe(top, "other.qcow2")
     assert img.info(top)["backing-filename"] == "other.qcow2"
@@ -87,18 +62,18 @@ def test_img_create_chain_map_check_compare(workdir: Path) -> None:
     assert "backing-filename" not in img.info(top)
 
 
-def test_img_errors_are_one_line(workdir: Path) -> None:
+def test_img_errors_are_one_line(work_dir: Path) -> None:
     with pytest.raises(NotFoundError) as err:
-        img.create(workdir / "x.qcow2", size=MiB, backing=workdir / "missing.qcow2")
+        img.create(work_dir / "x.qcow2", size=MiB, backing=work_dir / "missing.qcow2")
     assert "\n" not in str(err.value) and "missing.qcow2" in str(err.value)
-    (workdir / "junk.qcow2").write_bytes(b"QFI\xfb" + b"\0" * 508)
+    (work_dir / "junk.qcow2").write_bytes(b"QFI\xfb" + b"\0" * 508)
     with pytest.raises(QemuError) as err:
-        img.check(workdir / "junk.qcow2")
+        img.check(work_dir / "junk.qcow2")
     assert "\n" not in str(err.value) and str(err.value).startswith("qemu-img check")
 
 
-def test_bitmap_block_status_is_exactly_the_written_clusters(workdir: Path, daemon: StorageDaemon) -> None:
-    base, path = workdir / "base.qcow2", workdir / "disk.qcow2"
+def test_bitmap_block_status_is_exactly_the_written_clusters(work_dir: Path, daemon: StorageDaemon) -> None:
+    base, path = work_dir / "base.qcow2", work_dir / "disk.qcow2"
     img.create(base, size=64 * MiB)
     qemu_io(base, "write -P 0xdd 8M 1M")
     img.create(path, size=64 * MiB, backing="base.qcow2")
@@ -129,8 +104,8 @@ def test_bitmap_block_status_is_exactly_the_written_clusters(workdir: Path, daem
     h.shutdown()
 
 
-def test_block_status_covers_ranges_beyond_32_bits(workdir: Path, daemon: StorageDaemon) -> None:
-    path = workdir / "big.qcow2"
+def test_block_status_covers_ranges_beyond_32_bits(work_dir: Path, daemon: StorageDaemon) -> None:
+    path = work_dir / "big.qcow2"
     size = 9 << 30  # sparse: more than one 32-bit block status request
     img.create(path, size=size)
     qemu_io(path, "write -P 1 5G 64k")
@@ -162,8 +137,8 @@ def test_iter_block_status_asks_again_after_a_short_answer() -> None:
     assert all(a[0] + a[1] == b[0] for a, b in zip(status, status[1:]))
 
 
-def test_inconsistent_bitmap_is_reported_and_never_exported(workdir: Path, daemon: StorageDaemon) -> None:
-    path = workdir / "crashed.qcow2"
+def test_inconsistent_bitmap_is_reported_and_never_exported(work_dir: Path, daemon: StorageDaemon) -> None:
+    path = work_dir / "crashed.qcow2"
     img.create(path, size=16 * MiB)
     make_inconsistent_bitmap(path, "vmrepl")
     assert "in-use" in img.bitmaps(path)[0]["flags"]
@@ -173,8 +148,8 @@ def test_inconsistent_bitmap_is_reported_and_never_exported(workdir: Path, daemo
         daemon.export(node, bitmaps=["vmrepl"])
 
 
-def test_bitmap_of_a_backing_file_is_not_taken_for_the_layers(workdir: Path, daemon: StorageDaemon) -> None:
-    base, top = workdir / "base.qcow2", workdir / "top.qcow2"
+def test_bitmap_of_a_backing_file_is_not_taken_for_the_layers(work_dir: Path, daemon: StorageDaemon) -> None:
+    base, top = work_dir / "base.qcow2", work_dir / "top.qcow2"
     img.create(base, size=16 * MiB)
     img.add_bitmap(base, "vmrepl")
     img.create(top, size=16 * MiB, backing="base.qcow2")
@@ -184,8 +159,8 @@ def test_bitmap_of_a_backing_file_is_not_taken_for_the_layers(workdir: Path, dae
         daemon.export(node, bitmaps=["vmrepl"])
 
 
-def test_read_only_chain_opens_while_another_process_writes_it(workdir: Path, daemon: StorageDaemon) -> None:
-    base, top = workdir / "base.qcow2", workdir / "top.qcow2"
+def test_read_only_chain_opens_while_another_process_writes_it(work_dir: Path, daemon: StorageDaemon) -> None:
+    base, top = work_dir / "base.qcow2", work_dir / "top.qcow2"
     img.create(base, size=16 * MiB)
     qemu_io(base, "write -P 0x42 0 64k")
     img.create(top, size=16 * MiB, backing="base.qcow2")
@@ -205,24 +180,24 @@ def test_read_only_chain_opens_while_another_process_writes_it(workdir: Path, da
         holder.wait()
 
 
-def test_no_daemon_left_after_an_exception(workdir: Path) -> None:
+def test_no_daemon_left_after_an_exception(work_dir: Path) -> None:
     with pytest.raises(RuntimeError):
         with StorageDaemon() as d:
             pid = d.pid
             assert pid is not None
-            d.export(d.add_image(_small_image(workdir)))
+            d.export(d.add_image(_small_image(work_dir)))
             raise RuntimeError("boom")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
 
-def test_refused_command_is_a_qemu_error(workdir: Path, daemon: StorageDaemon) -> None:
+def test_refused_command_is_a_qemu_error(work_dir: Path, daemon: StorageDaemon) -> None:
     with pytest.raises(QemuError, match="blockdev-add"):
-        daemon.add_image(workdir / "missing.qcow2")
-    assert daemon.block_bitmaps(daemon.add_image(_small_image(workdir))) == []  # still answering
+        daemon.add_image(work_dir / "missing.qcow2")
+    assert daemon.block_bitmaps(daemon.add_image(_small_image(work_dir))) == []  # still answering
 
 
-def _small_image(workdir: Path) -> Path:
-    path = workdir / "small.qcow2"
+def _small_image(work_dir: Path) -> Path:
+    path = work_dir / "small.qcow2"
     img.create(path, size=MiB)
     return path

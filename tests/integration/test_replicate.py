@@ -29,15 +29,6 @@ def listing(run_vmrepl, state: Path, vm) -> list[dict]:
     return json.loads(run_vmrepl("list", vm.name, "--json", state_dir=state).stdout)
 
 
-def write_random(vm, target: str, offset: int, length: int) -> None:
-    """Incompressible data into the running VM's disk (qemu-io `write -s FILE`)."""
-    source = vm.dir / f"random-{offset}-{length}.bin"
-    source.write_bytes(os.urandom(length))
-    source.chmod(0o644)
-    vm.write_file(target, offset, source)
-    source.unlink()
-
-
 def assert_destination_matches(run_vmrepl, src_state: Path, dst_state: Path, vm) -> None:
     """Every destination snapshot reads as its source snapshot; every layer is a clean qcow2."""
     source = {s["id"]: s for s in listing(run_vmrepl, src_state, vm)}
@@ -67,7 +58,7 @@ def test_five_rounds_on_a_running_two_disk_vm(make_vm, second_host, src_state, d
             disk, size = rng.choice([("vda", 64 * MiB), ("vdb", 32 * MiB)])
             length = rng.choice([4096, 65536, 300_000, MiB])
             vm.write_pattern(disk, rng.randrange(0, size - length, 512), length, rng.randrange(1, 256))
-        write_random(vm, "vda", rng.randrange(0, 60 * MiB, 4096), 256 * 1024)
+        vm.write_random("vda", rng.randrange(0, 60 * MiB, 4096), 256 * 1024)
         vm.write_zeroes("vdb", rng.randrange(0, 30 * MiB, 65536), MiB)
         snap = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
         result = replicate(run_vmrepl, second_host, src_state, dst_state, vm)
@@ -87,13 +78,13 @@ def test_five_rounds_on_a_running_two_disk_vm(make_vm, second_host, src_state, d
 def test_bytes_sent_follow_the_changed_bytes(make_vm, second_host, src_state, dst_state, run_vmrepl):
     vm = make_vm({"vda": 128 * MiB})
     for i in range(8):
-        write_random(vm, "vda", i * 8 * MiB, 2 * MiB)
+        vm.write_random("vda", i * 8 * MiB, 2 * MiB)
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
     replicate(run_vmrepl, second_host, src_state, dst_state, vm)
 
     changed = 0
     for i in range(16):  # 16 scattered incompressible extents, some overwriting old data
-        write_random(vm, "vda", i * 7 * MiB + 65536, 512 * 1024)
+        vm.write_random("vda", i * 7 * MiB + 65536, 512 * 1024)
         changed += 512 * 1024
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
     (delta,) = replicate(run_vmrepl, second_host, src_state, dst_state, vm)
