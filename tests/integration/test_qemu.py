@@ -19,7 +19,6 @@ from vmrepl.qemu.storage_daemon import (ALLOCATION, STATE_ZERO, StorageDaemon, a
 MiB = 1 << 20
 KiB = 1 << 10
 CLUSTER = 64 * KiB
-REPO = Path(__file__).resolve().parents[2]
 
 
 def make_inconsistent_bitmap(path: Path, name: str) -> None:
