@@ -17,7 +17,6 @@ import io
 import ipaddress
 import logging
 import re
-import shlex
 import socket
 import threading
 import time
@@ -108,14 +107,6 @@ def parse_destination(text: str) -> Destination:
             raise bad(f"bad port {port_text!r}")
         port = int(port_text)
     return Destination(host=host, port=port, user=user)
-
-
-def remote_command_line(remote_command: str = DEFAULT_REMOTE_COMMAND, remote_state_dir: str | None = None) -> str:
-    """The command sent to sshd. An authorized_keys `command=` replaces it, which is fine: the
-    forced command then names its own state dir."""
-    if remote_state_dir is None:
-        return remote_command
-    return f"{remote_command} --state-dir {shlex.quote(remote_state_dir)}"
 
 
 # --- channel as file objects --------------------------------------------------------------------
@@ -273,10 +264,11 @@ class Connection:
 
 def connect(destination: str | Destination, *, identity: Path | None = None, known_hosts: Path | None = None,
             accept_new_host_key: bool = False, remote_command: str = DEFAULT_REMOTE_COMMAND,
-            remote_state_dir: str | None = None, bwlimit: int | None = None,
+            bwlimit: int | None = None,
             timeout: float = CONNECT_TIMEOUT) -> Connection:
     """Open an authenticated ssh session to `destination` and run the remote command in it.
-    `bwlimit` caps what is sent, in bytes per second."""
+    `bwlimit` caps what is sent, in bytes per second. An authorized_keys `command=` on the destination
+    replaces `remote_command`; the forced command then names its own state dir."""
     dest = parse_destination(destination) if isinstance(destination, str) else destination
     user = dest.user or getpass.getuser()
     sock = _open_socket(dest, timeout)
@@ -286,14 +278,13 @@ def connect(destination: str | Destination, *, identity: Path | None = None, kno
         _negotiate(transport, dest, host_keys.lookup(dest.known_hosts_name), timeout)
         _check_host_key(transport.get_remote_server_key(), dest, host_keys, known_hosts, accept_new_host_key)
         _authenticate(transport, dest, user, identity)
-        command = remote_command_line(remote_command, remote_state_dir)
         try:
             channel = transport.open_session(timeout=timeout)
-            channel.exec_command(command)
+            channel.exec_command(remote_command)
         except (paramiko.SSHException, OSError) as err:
-            raise TransportError(f"{dest.host} refused to run {command!r}: {err}",
+            raise TransportError(f"{dest.host} refused to run {remote_command!r}: {err}",
                                  hint="check sshd's configuration there") from None
-        return Connection(dest, transport, channel, command, bwlimit)
+        return Connection(dest, transport, channel, remote_command, bwlimit)
     except BaseException:
         transport.close()
         raise

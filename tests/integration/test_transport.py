@@ -68,12 +68,6 @@ def test_parse_destination_refuses(text: str) -> None:
         parse_destination(text)
 
 
-def test_remote_command_line() -> None:
-    assert transport.remote_command_line() == "vmrepl receive"
-    assert transport.remote_command_line("/opt/v/bin/vmrepl receive", "/srv/my state") == \
-        "/opt/v/bin/vmrepl receive --state-dir '/srv/my state'"
-
-
 # --- against sshd -------------------------------------------------------------------------------
 
 def test_cat_round_trips_64_mib(host: SecondHost) -> None:
