@@ -10,7 +10,7 @@ import random
 import sqlite3
 import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,12 +146,6 @@ def random_writes(rng: random.Random, n: int) -> list[Write]:
 
 
 @pytest.fixture
-def daemon() -> Iterator[StorageDaemon]:
-    with StorageDaemon() as d:
-        yield d
-
-
-@pytest.fixture
 def source(work_dir: Path) -> Source:
     src = Source(work_dir / "src")
     src.root.mkdir()
@@ -174,6 +168,17 @@ def test_late_snapshot_is_inserted_between_two_held(work_dir: Path, source: Sour
     assert layer(dst, source, "vda", 4).stat().st_ino != layer4, "snapshot 4's layer was not rebuilt"
     assert_destination_sound(dst, source)
     assert stored_bytes(dst, source) <= 1.05 * stored_bytes(ordered, source)
+
+
+def test_receiving_a_snapshot_twice_is_a_no_op(work_dir: Path, source: Source, daemon: StorageDaemon) -> None:
+    dst = work_dir / "dst"
+    assert receive(dst, source.stream(bases_for([1, 2]), daemon)).returncode == 0
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (dst / "vms").rglob("*.qcow2")}
+    again = receive(dst, source.stream([(2, 1)], daemon))  # e.g. two senders raced
+    assert again.returncode == 0, again.stderr
+    assert held(dst, source) == [1, 2]
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (dst / "vms").rglob("*.qcow2")} == before
+    assert_destination_sound(dst, source)
 
 
 def test_latest_first_then_backfill(work_dir: Path, source: Source, daemon: StorageDaemon) -> None:

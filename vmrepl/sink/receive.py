@@ -113,7 +113,8 @@ class _Session:
     def _receive(self, header: SnapshotHeader) -> None:
         catalog = self.store.catalog
         if catalog.find_snapshot(header.id) is not None:
-            raise SinkError(f"snapshot {header.name} is already held here", hint="nothing to send")
+            self._discard(header)  # a second copy (e.g. two senders raced): a no-op, still checked
+            return
         base = catalog.find_snapshot(header.base) if header.base else None
         if header.base and base is None:
             raise SinkError(f"base snapshot {header.base} of {header.name} is not held here",
@@ -181,6 +182,16 @@ class _Session:
                 offsets[target] = end
                 self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
                 unsaved, last_save = 0, time.monotonic()
+
+    def _discard(self, header: SnapshotHeader) -> None:
+        """Read a snapshot's stream to its trailer (the reader still checks every checksum) and drop it."""
+        for disk in header.disks:
+            while not isinstance(frame := self.reader.read(), DiskEnd):
+                if isinstance(frame, Error):
+                    raise frame.exception("sender")
+                if not isinstance(frame, (Data, Zero)):
+                    raise ProtocolError(f"stream corrupt: unexpected {type(frame).__name__} frame in disk {disk.target}")
+        self.reader.expect(Trailer)
 
     def _skip_disk(self, target: str) -> None:
         frame = self.reader.read()
