@@ -145,20 +145,25 @@ class StorageDaemon:
             raise QemuError(f"qemu-storage-daemon stopped answering during {command}: {err or type(err).__name__}",
                             hint=f"its log: {self._log_tail()}") from None
 
-    def add_image(self, path: str | os.PathLike[str], *, writable: bool = False, backing: bool = True) -> str:
+    def add_image(self, path: str | os.PathLike[str], *, writable: bool = False, backing: bool = True,
+                  backing_node: str | None = None) -> str:
         """Open a qcow2 file as a block node; returns its node name.
 
         Read-only nodes take no file locks (`locking: off` and `force-share`, inherited by the backing
         chain), so they open while a VM holds the chain. Writable nodes bypass the page cache through
         io_uring (about twice as fast as buffered writes here, and the final fsync finds little to do);
         where the file system or kernel refuses that (tmpfs has no O_DIRECT), plain buffered I/O.
-        `backing=False` opens the file alone, as if it had no backing file.
+        `backing=False` opens the file alone, as if it had no backing file; `backing_node` uses a node
+        already open here as the backing file (it must read as the file's backing), so a deep chain is
+        opened once however many layers are stacked on it.
         """
         node = f"n{next(self._ids)}"
         file: dict[str, Any] = {"driver": "file", "filename": os.path.abspath(path)}
         options: dict[str, Any] = {"driver": "qcow2", "node-name": node, "read-only": not writable, "file": file}
         if not backing:
             options["backing"] = None
+        elif backing_node is not None:
+            options["backing"] = backing_node
         if not writable:
             file["locking"] = "off"
             self.qmp("blockdev-add", **options, **{"force-share": True})
@@ -223,11 +228,11 @@ class StorageDaemon:
             raise QemuError(f"cannot connect to NBD export {export}: {err.string}", hint="see QEMU's message") from None
         return h
 
-    def reader(self, path: str | os.PathLike[str], *, backing: bool = True, bitmaps: Iterable[str] = (),
-               meta_contexts: Iterable[str] = ()) -> Export:
+    def reader(self, path: str | os.PathLike[str], *, backing: bool = True, backing_node: str | None = None,
+               bitmaps: Iterable[str] = (), meta_contexts: Iterable[str] = ()) -> Export:
         """Open `path` read-only, export it and connect: the usual way to read an image or its bitmaps.
         `Export.close()` (or leaving its `with`) takes it all down again."""
-        node = self.add_image(path, backing=backing)
+        node = self.add_image(path, backing=backing, backing_node=backing_node)
         try:
             export = self.export(node, bitmaps=bitmaps)
             try:

@@ -17,6 +17,7 @@ chain readable, and the next session finds the marker and finishes (docs/FORMAT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -161,8 +162,13 @@ def rebuild_onto(daemon: StorageDaemon, upper: Path, lower: Path, virtual_size: 
     temp.unlink(missing_ok=True)  # left by a crash between its commit and the rename below
     ranges = union(own_clusters(upper), own_clusters(lower))
     examined = kept = 0
-    with daemon.reader(upper) as mine, daemon.reader(lower) as theirs, \
-            LayerWriter(temp, backing=lower, virtual_size=virtual_size, daemon=daemon) as writer:
+    shared = backing_of(upper)  # both layers stand on it: open its chain once, for all three nodes
+    with contextlib.ExitStack() as stack:
+        node = stack.enter_context(daemon.reader(shared)).node if shared else None
+        mine = stack.enter_context(daemon.reader(upper, backing=shared is not None, backing_node=node))
+        theirs = stack.enter_context(daemon.reader(lower, backing=shared is not None, backing_node=node))
+        writer = stack.enter_context(LayerWriter(temp, backing=lower, virtual_size=virtual_size, daemon=daemon,
+                                                 backing_node=theirs.node))
         for piece in split(Extent(e.offset, e.length) for e in ranges):
             ours, below = pread(mine.nbd, piece.offset, piece.length), pread(theirs.nbd, piece.offset, piece.length)
             examined += piece.length

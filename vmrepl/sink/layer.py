@@ -42,12 +42,13 @@ class LayerWriter:
     """`with LayerWriter(...) as w: w.write(...); ...; w.commit()`; leaving without commit() aborts."""
 
     def __init__(self, final_path: Path, *, backing: Path | None, virtual_size: int, daemon: StorageDaemon,
-                 keep_partial: bool = False) -> None:
+                 keep_partial: bool = False, backing_node: str | None = None) -> None:
         self.final_path = Path(final_path)
         self.partial_path = partial_path(self.final_path)
         self.backing = backing
         self.virtual_size = virtual_size
         self.keep_partial = keep_partial
+        self.backing_node = backing_node  # `backing`, already open in the daemon (StorageDaemon.add_image)
         self._daemon = daemon
         self._resume = False
         self._node: str | None = None
@@ -57,7 +58,8 @@ class LayerWriter:
         self._done = False
 
     @classmethod
-    def resume(cls, final_path: Path, *, daemon: StorageDaemon, keep_partial: bool = True) -> LayerWriter:
+    def resume(cls, final_path: Path, *, daemon: StorageDaemon, keep_partial: bool = True,
+               backing_node: str | None = None) -> LayerWriter:
         """Reopen the partial layer an interrupted transfer kept. Data the writer had not flushed
         (`flush()`) before the interruption may be missing: resume from the last flushed point."""
         final_path = Path(final_path)
@@ -71,7 +73,7 @@ class LayerWriter:
         assert isinstance(info, dict)
         backing = info.get("full-backing-filename")
         writer = cls(final_path, backing=Path(backing) if backing else None, virtual_size=info["virtual-size"],
-                     daemon=daemon, keep_partial=keep_partial)
+                     daemon=daemon, keep_partial=keep_partial, backing_node=backing_node)
         writer._resume = True
         return writer
 
@@ -83,7 +85,7 @@ class LayerWriter:
                 self.partial_path.unlink(missing_ok=True)  # a stale partial nobody asked to resume
                 backing = None if self.backing is None else os.path.relpath(self.backing, self.final_path.parent)
                 img.create(self.partial_path, size=self.virtual_size, backing=backing)
-            self._node = self._daemon.add_image(self.partial_path, writable=True)
+            self._node = self._daemon.add_image(self.partial_path, writable=True, backing_node=self.backing_node)
             self._export = self._daemon.export(self._node, writable=True)
             self._h = self._daemon.connect(self._export, meta_contexts=[ALLOCATION])
         except BaseException:

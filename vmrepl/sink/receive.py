@@ -139,12 +139,15 @@ class _Session:
                 self._skip_disk(disk.target)
             else:
                 resume = start > 0 and partial_path(final).exists()
-                writer = LayerWriter.resume(final, daemon=self.daemon) if resume else \
-                    LayerWriter(final, backing=backing, virtual_size=disk.virtual_size, daemon=self.daemon,
-                                keep_partial=True)
-                with writer, contextlib.ExitStack() as stack:
-                    delta = None if writer.backing is None else \
-                        chain.DeltaFilter(stack.enter_context(self.daemon.reader(writer.backing)).nbd)
+                with contextlib.ExitStack() as stack:
+                    # The base chain is opened once: to compare against, and as the new layer's backing.
+                    base_reader = stack.enter_context(self.daemon.reader(backing)) if backing else None
+                    node = base_reader.node if base_reader else None
+                    writer = stack.enter_context(
+                        LayerWriter.resume(final, daemon=self.daemon, backing_node=node) if resume else
+                        LayerWriter(final, backing=backing, virtual_size=disk.virtual_size, daemon=self.daemon,
+                                    keep_partial=True, backing_node=node))
+                    delta = chain.DeltaFilter(base_reader.nbd) if base_reader else None
                     self._receive_disk(header, disk.target, writer, delta, offsets)
                     writer.commit()
                 offsets[disk.target] = disk.virtual_size
