@@ -16,28 +16,35 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+import libvirt
 import nbd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts run as bench/X.py from the checkout
 
 from testbed import ROOT, RUN_DIR, VMREPL, public_dir  # noqa: E402
+from testbed import vm as testvm  # noqa: E402
 from testbed.host import SecondHost  # noqa: E402
 
 BENCH_DIR = RUN_DIR / "bench"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CIPHER = "aes128-gcm@openssh.com"
+LIBVIRT_URI = "qemu:///system"
+LIBVIRT_RETRIES = 30
+T = TypeVar("T")
 
 DOC_HEAD = """# Benchmarks
 
 Each section below is written by one script in `bench/`, which replaces only its own section (between
 its markers) when rerun. Run them from the checkout as root, with the venv and the daemons of
 `bash scripts/setup.sh`: `.venv/bin/python bench/NAME.py`. They create throwaway VMs under `run/` and
-remove them afterwards.
+remove them afterwards. The CPU profiles need py-spy in the venv (`.venv/bin/pip install py-spy`;
+without it they are left out); its raw stacks stay in `run/bench/profiles/`.
 
 These machines have 2 cores shared by both ends of every transfer (the "destination" is a network
 namespace on the same machine) and by other engineers' test runs, so absolute figures are noisy and
@@ -77,9 +84,13 @@ def stopwatch(argv: Sequence[str | os.PathLike], **kwargs) -> tuple[float, subpr
 
 
 def vmrepl_json(*args: str | os.PathLike, state_dir: Path) -> object:
-    """Run a vmrepl command with --json against `state_dir` and return its document."""
-    proc = subprocess.run([str(VMREPL), *map(str, args), "--json", "--state-dir", str(state_dir)],
-                          capture_output=True, text=True)
+    """Run a vmrepl command with --json against `state_dir` and return its document; a command that
+    failed is tried once more a few seconds later (libvirtd may be restarting under another test)."""
+    argv = [str(VMREPL), *map(str, args), "--json", "--state-dir", str(state_dir)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        time.sleep(3)
+        proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"vmrepl {' '.join(map(str, args))}: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
@@ -104,6 +115,53 @@ def pwrite(h: nbd.NBD, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     for start in range(0, len(view), 4 * MiB):
         h.pwrite(view[start:start + 4 * MiB], offset + start)
+
+
+def create_vm(size: int, label: str) -> testvm.VM:
+    """A shut-off throwaway VM with one disk `vda` of `size` bytes, on a fresh libvirt connection
+    (libvirtd may have been restarted since the last one); tried again while libvirtd restarts."""
+    for _ in range(LIBVIRT_RETRIES):
+        with contextlib.suppress(libvirt.libvirtError):
+            return testvm.create_vm(libvirt.open(LIBVIRT_URI), {"vda": size}, label=label, start=False)
+        time.sleep(0.5)
+    return testvm.create_vm(libvirt.open(LIBVIRT_URI), {"vda": size}, label=label, start=False)
+
+
+def remove_own_vms() -> None:
+    """Remove every test VM this process made, also those a failed create left half-made."""
+    mine = f"{testvm.PREFIX}{os.getpid()}-"
+    conn = libvirt.open(LIBVIRT_URI)
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(mine):
+                testvm.remove_domain(conn, dom.name())
+    finally:
+        conn.close()
+    if testvm.VMS_DIR.is_dir():
+        for directory in testvm.VMS_DIR.iterdir():
+            if directory.name.startswith(mine):
+                subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+def current_image(vm: testvm.VM, target: str = "vda") -> Path:
+    return Path(_libvirt_retry(vm, lambda: vm.current_image(target)))
+
+
+def remove_vm(vm: testvm.VM) -> None:
+    _libvirt_retry(vm, vm.remove)
+
+
+def _libvirt_retry(vm: testvm.VM, call: Callable[[], T]) -> T:
+    """Run a libvirt call of `vm`, reconnecting while libvirtd restarts (other engineers' tests restart
+    it; that must not end a long benchmark)."""
+    for _ in range(LIBVIRT_RETRIES):
+        try:
+            return call()
+        except libvirt.libvirtError:
+            time.sleep(0.5)
+            with contextlib.suppress(libvirt.libvirtError):
+                vm.conn = libvirt.open(LIBVIRT_URI)
+    return call()
 
 
 def ssh_command(host: SecondHost) -> list[str]:

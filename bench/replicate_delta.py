@@ -14,9 +14,13 @@ change to the second host, in an order that rotates every run:
 - ceiling: `ssh host 'cat > FILE' < CHANGED` of exactly the changed bytes (one file holding the
   extents back to back, in page cache): what one OpenSSH stream can move.
 
-Every OpenSSH peer uses aes128-gcm, OpenSSH's fastest cipher here. Bytes are what each tool sends
+After each run, `ssh host true` and a `vmrepl replicate` with nothing to send measure what each side
+pays before any data moves (connect, authentication, start-up), so that the transfers can also be
+compared without it. Every OpenSSH peer uses aes128-gcm, OpenSSH's fastest cipher here. Bytes are what each tool sends
 (vmrepl's stream, rsync's "Total bytes sent", the file sizes) and, as a check, the growth of the
 source veth's tx counter (the smallest over the runs: other users of the second host only add to it).
+"Machine CPU s" is the busy CPU time of the whole machine during the peer's run (both ends, sshd,
+qemu-storage-daemon; the smallest over the runs, since other engineers' work only adds to it).
 
 Run from the checkout: `.venv/bin/python bench/replicate_delta.py [--runs N] [--sizes 4,8] [--kinds
 random,binaries] [--no-profile]`.
@@ -37,11 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import libvirt
-
 import common as c
 from testbed import VMREPL
-from testbed import vm as testvm
 from testbed.host import SecondHost
 
 FILL = 0.6
@@ -60,6 +61,7 @@ class Samples:
     seconds: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     sent: dict[str, list[int]] = field(default_factory=lambda: collections.defaultdict(list))
     wire: dict[str, list[int]] = field(default_factory=lambda: collections.defaultdict(list))
+    machine_cpu: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     rss_kib: list[int] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     inner: list[float] = field(default_factory=list)
@@ -148,10 +150,13 @@ class Bench:
         self.peer_dir = c.public_dir(work / "dst-peers")
         self.ssh = c.ssh_command(host)
 
-    def replicate_argv(self, vm: str) -> list[str]:
+    def receive_command(self) -> str:
+        return f"{VMREPL} receive --state-dir {self.dst_state}"
+
+    def replicate_argv(self, vm: str, remote_command: str | None = None) -> list[str]:
         return [str(VMREPL), "replicate", vm, "--to", self.host.destination, "--identity", str(self.host.identity),
                 "--known-hosts", str(self.host.known_hosts), "--remote-command",
-                f"{VMREPL} receive --state-dir {self.dst_state}", "--json", "--state-dir", str(self.src_state)]
+                remote_command or self.receive_command(), "--json", "--state-dir", str(self.src_state)]
 
     def vmrepl(self, vm: str, samples: Samples | None) -> tuple[float, int]:
         t = c.timed(self.replicate_argv(vm))
@@ -179,17 +184,23 @@ def tx_bytes() -> int:
     return int(VETH_TX.read_text())
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy so far (both ends of a transfer run here)."""
+    user, nice, system, idle, iowait, *rest = map(int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:])
+    return (user + nice + system + sum(rest[:3])) / os.sysconf("SC_CLK_TCK")
+
+
 # --- one configuration -----------------------------------------------------------------------------
 
-def run_config(bench: Bench, conn: libvirt.virConnect, size: int, kind: str, runs: int, work: Path,
+def run_config(bench: Bench, size: int, kind: str, runs: int, work: Path,
                profile: bool) -> Result:
     rng = random.Random(f"{size}-{kind}")
     content = Content(kind, rng)
-    vm = testvm.create_vm(conn, {"vda": size}, label=f"bench-{size // c.GiB}g-{kind}", start=False)
+    vm = c.create_vm(size, f"bench-{size // c.GiB}g-{kind}")
     try:
-        fill_base(vm.current_image("vda"), size, content, rng)
+        fill_base(c.current_image(vm), size, content, rng)
         flat = work / "flat.qcow2"
-        subprocess.run(["cp", "--sparse=always", vm.current_image("vda"), flat], check=True)
+        subprocess.run(["cp", "--sparse=always", c.current_image(vm), flat], check=True)
         subprocess.run(["cp", "--sparse=always", flat, bench.peer_dir / "rsync.qcow2"], check=True)
         image_bytes = flat.stat().st_size
         c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
@@ -201,7 +212,7 @@ def run_config(bench: Bench, conn: libvirt.virConnect, size: int, kind: str, run
         for i in range(runs):
             change = make_change(size, content, rng)
             changed = len(change) * EXTENT
-            apply_change(vm.current_image("vda"), change)
+            apply_change(c.current_image(vm), change)
             apply_change(flat, change)
             changed_file = work / "changed.bin"
             with open(changed_file, "wb") as f:
@@ -214,39 +225,57 @@ def run_config(bench: Bench, conn: libvirt.virConnect, size: int, kind: str, run
                      "ceiling": lambda: bench.cat(changed_file, "changed.bin")}
             order = PEERS[i % len(PEERS):] + PEERS[:i % len(PEERS)]
             for peer in order:
-                before = tx_bytes()
+                before, cpu_before = tx_bytes(), busy_cpu_seconds()
                 seconds, sent = peers[peer]()
                 samples.wire[peer].append(tx_bytes() - before)
+                samples.machine_cpu[peer].append(busy_cpu_seconds() - cpu_before)
                 samples.seconds[peer].append(seconds)
                 samples.sent[peer].append(sent)
-            print(f"  run {i + 1}: " + ", ".join(f"{p} {samples.seconds[p][-1]:.2f} s" for p in PEERS), flush=True)
+            # What each side pays before any data moves, to compare the transfers without it.
+            samples.seconds["ssh true"].append(c.stopwatch([*bench.ssh, bench.host.destination, "true"])[0])
+            samples.seconds["vmrepl no-op"].append(c.timed(bench.replicate_argv(vm.name)).seconds)
+            print(f"  run {i + 1}: " + ", ".join(f"{p} {samples.seconds[p][-1]:.2f} s" for p in samples.seconds),
+                  flush=True)
         prof = None
         if profile:  # a larger delta, so that streaming outweighs start-up in the samples
             change = [e for _ in range(PROFILE_CHANGE) for e in make_change(size, content, rng)]
-            apply_change(vm.current_image("vda"), change)
+            apply_change(c.current_image(vm), change)
             c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
-            prof = profile_sender(bench, vm.name, c.public_dir(c.BENCH_DIR / "profiles") / f"replicate-{kind}.txt")
+            prof = profile_sender(bench, vm.name, c.public_dir(c.BENCH_DIR / "profiles"), kind)
         return Result(size, kind, image_bytes, changed, initial, samples, prof)
     finally:
-        vm.remove()
+        c.remove_vm(vm)
         for leftover in (bench.peer_dir / "rsync.qcow2", bench.peer_dir / "full.qcow2", work / "flat.qcow2"):
             leftover.unlink(missing_ok=True)
 
 
 # --- profile ---------------------------------------------------------------------------------------
 
-def profile_sender(bench: Bench, vm: str, out: Path) -> str | None:
-    """Sample the sender's CPU with py-spy (every thread, idle time left out) and return the top entries."""
+def profile_sender(bench: Bench, vm: str, out_dir: Path, kind: str) -> str | None:
+    """Sample the CPU of both ends of one replicate with py-spy (every thread, idle time left out) and
+    return their summaries. The receiver is attached by PID from a shell that then execs it (py-spy
+    writes to stdout, which is the receiver's stream), so its first 0.2 s (start-up) go unsampled."""
     py_spy = Path(sys.executable).with_name("py-spy")
     if not py_spy.exists():
         return None
-    subprocess.run([py_spy, "record", "--native", "--format", "raw", "--threads", "-r",
-                    str(PROFILE_RATE), "-o", out, "--", *bench.replicate_argv(vm)],
-                   check=True, capture_output=True)
-    return summarize_profile(out)
+    sender, receiver = out_dir / f"sender-{kind}.txt", out_dir / f"receiver-{kind}.txt"
+    receiver.unlink(missing_ok=True)
+    spy = f"{py_spy} record --native --format raw --threads -r {PROFILE_RATE}"
+    remote = f"sh -c '( sleep 0.2; {spy} -o {receiver} --pid $$ >/dev/null 2>&1 ) & exec {bench.receive_command()}'"
+    subprocess.run([*spy.split(), "-o", sender, "--", *bench.replicate_argv(vm, remote)], check=True,
+                   capture_output=True)
+    deadline = time.monotonic() + 10
+    while not receiver.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    parts = ["Sender:\n\n" + summarize_profile(sender, _SENDER)]
+    if receiver.exists():
+        parts.append("Receiver (`vmrepl receive`, one thread):\n\n"
+                     + summarize_profile(receiver, _RECEIVER, per_thread=False))
+    return "\n\n".join(parts)
 
 
-def summarize_profile(path: Path) -> str:
+def summarize_profile(path: Path, categories: tuple[tuple[tuple[str, ...], str], ...], *,
+                      per_thread: bool = True) -> str:
     """Where the sender's samples went, from py-spy's collapsed native+Python stacks
     (`thread (TID): NAME;frame;...;frame COUNT`): per thread, and per kind of work."""
     threads: collections.Counter[str] = collections.Counter()
@@ -255,15 +284,16 @@ def summarize_profile(path: Path) -> str:
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         threads[_thread(frames)] += int(count)
-        work[_category(frames)] += int(count)
+        work[_category(frames, categories)] += int(count)
     total = sum(work.values())
 
     def rows(counter: collections.Counter[str]) -> list[list[str]]:
         return [[name, f"{100 * n / total:.0f}%"] for name, n in counter.most_common()]
 
     return (f"{total} samples at {PROFILE_RATE} Hz (py-spy --native, idle threads left out; a thread blocked in "
-            "recv or a queue still shows as 'waiting').\n\n" + c.table(["thread", "samples"], rows(threads))
-            + "\n\n" + c.table(["work (innermost recognised frame)", "samples"], rows(work)))
+            "recv or a queue still shows as 'waiting').\n\n"
+            + (c.table(["thread", "samples"], rows(threads)) + "\n\n" if per_thread else "")
+            + c.table(["work (first matching kind in this order)", "samples"], rows(work)))
 
 
 def _thread(frames: list[str]) -> str:
@@ -277,8 +307,8 @@ def _thread(frames: list[str]) -> str:
     return name
 
 
-# Innermost frame first: the first rule that matches a frame names the sample.
-_CATEGORIES = (
+# A sample goes to the first kind (in this order) that any frame of its stack matches.
+_SENDER = (
     (("ZSTD_", "HIST_", "zstd"), "zstd compress"),
     (("XXH", "xxhash"), "xxh3 checksum"),
     (("libcrypto", "aead.py", "EVP_", "aes", "gcm"), "AES-GCM in paramiko (cryptography/OpenSSL)"),
@@ -295,11 +325,21 @@ _CATEGORIES = (
 )
 
 
-def _category(frames: list[str]) -> str:
-    for frame in reversed(frames[1:]):
-        for needles, name in _CATEGORIES:
-            if any(n in frame for n in needles):
-                return name
+_RECEIVER = (
+    (("ZSTD_decompress", "decompress ("), "zstd decompress"),
+    (("XXH", "xxhash"), "xxh3 checksum"),
+    (("DeltaFilter", "differing_runs"), "comparing with the base (NBD read of the base, diff)"),
+    (("LayerWriter", "commit"), "writing the layer (NBD writes, flush, fsync)"),
+    (("readinto", "_exact"), "reading the stream (stdin from sshd)"),
+    (("catalog", "sqlite", "store.py"), "catalog and progress"),
+    (("storage_daemon", "qmp/"), "qemu-storage-daemon setup (QMP)"),
+)
+
+
+def _category(frames: list[str], categories: tuple[tuple[tuple[str, ...], str], ...]) -> str:
+    for needles, name in categories:
+        if any(n in frame for frame in frames[1:] for n in needles):
+            return name
     return "other"
 
 
@@ -312,15 +352,20 @@ def report(results: list[Result], runs: int) -> str:
         med = {p: c.median(s.seconds[p]) for p in PEERS}
         for p in PEERS:
             rows.append([f"{r.size // c.GiB} GiB", r.kind, p, f"{med[p]:.2f}", _mb(c.median(s.sent[p])),
-                         _mb(min(s.wire[p])), f"{r.changed / med[p] / 1e6:.0f}",
+                         _mb(min(s.wire[p])), f"{r.changed / med[p] / 1e6:.0f}", f"{min(s.machine_cpu[p]):.2f}",
                          f"{max(s.rss_kib) / 1024:.0f} MiB" if p == "vmrepl" else ""])
         label = f"{r.size // c.GiB} GiB {r.kind}"
         vs_ceiling = med["vmrepl"] / med["ceiling"]
+        # Without the fixed cost of each side (connect, start-up): vmrepl minus a no-op replicate, the
+        # ceiling minus `ssh true`.
+        net = (med["vmrepl"] - c.median(s.seconds["vmrepl no-op"])) / (med["ceiling"] - c.median(s.seconds["ssh true"]))
         vs_rsync = med["rsync"] / med["vmrepl"]
         if r.kind == "random":
             checks.append([label, "vmrepl within 2x of the ceiling", f"{vs_ceiling:.2f}x", _ok(vs_ceiling <= 2)])
+            checks.append([label, "... transfer only, fixed costs taken out", f"{net:.2f}x", _ok(net <= 2)])
         else:
             checks.append([label, "vmrepl faster than the ceiling", f"{vs_ceiling:.2f}x", _ok(vs_ceiling < 1)])
+            checks.append([label, "... transfer only, fixed costs taken out", f"{net:.2f}x", _ok(net < 1)])
         checks.append([label, "rsync / vmrepl >= 3", f"{vs_rsync:.1f}x", _ok(vs_rsync >= 3)])
     for kind in sorted({r.kind for r in results}):
         by_size = sorted((r.size, c.median(r.samples.seconds["rsync"]) / c.median(r.samples.seconds["vmrepl"]))
@@ -333,12 +378,13 @@ def report(results: list[Result], runs: int) -> str:
     checks.append(["all", "vmrepl sender peak RSS bounded (same for 4 and 8 GiB)", f"{rss:.0f} MiB", _ok(rss < 256)])
     details = [[f"{r.size // c.GiB} GiB", r.kind, f"{r.image_bytes / c.GiB:.2f} GiB", _mb(r.changed),
                 f"{r.initial[0]:.1f} s / {_mb(r.initial[1])}", f"{c.median(r.samples.inner):.2f}",
-                f"{c.median(r.samples.cpu):.2f}"] for r in results]
+                f"{c.median(r.samples.cpu):.2f}", f"{c.median(r.samples.seconds['vmrepl no-op']):.2f}",
+                f"{c.median(r.samples.seconds['ssh true']):.2f}"] for r in results]
     return "\n\n".join([
         c.table(["disk", "content", "peer", "seconds (median)", "MB sent", "MB on veth (min)",
-                 "MB/s of changed data", "sender peak RSS"], rows),
+                 "MB/s of changed data", "machine CPU s (min)", "sender peak RSS"], rows),
         c.table(["disk", "content", "qcow2 image", "MB changed", "vmrepl initial full send", "vmrepl's own seconds",
-                 "vmrepl sender CPU s"], details),
+                 "vmrepl sender CPU s", "vmrepl no-op replicate s", "ssh true s"], details),
         "Targets (issue 5), from the medians above:",
         c.table(["case", "target", "measured", "met"], checks),
     ])
@@ -363,7 +409,6 @@ def main() -> int:
     sizes = [int(s) * c.GiB for s in args.sizes.split(",")]
     kinds = args.kinds.split(",")
     work = c.fresh_dir("replicate_delta")
-    conn = libvirt.open("qemu:///system")
     results = []
     started = time.monotonic()
     # The session's shared lock keeps a test run that ends meanwhile from stopping the host under us.
@@ -373,14 +418,14 @@ def main() -> int:
             for size in sizes:
                 for kind in kinds:
                     profile = not args.no_profile and size == sizes[0]
-                    results.append(run_config(bench, conn, size, kind, args.runs, work, profile))
+                    results.append(run_config(bench, size, kind, args.runs, work, profile))
         finally:
-            conn.close()
             shutil.rmtree(work, ignore_errors=True)
+            c.remove_own_vms()
     elapsed = time.monotonic() - started
     text = report(results, args.runs)
     print(text)
-    profiles = [f"### Sender profile, {r.size // c.GiB} GiB {r.kind}, one extra delta\n\n{r.profile}"
+    profiles = [f"### CPU profile, {r.size // c.GiB} GiB {r.kind}, one extra delta of about 10%\n\n{r.profile}"
                 for r in results if r.profile]
     for p in profiles:
         print("\n" + p)
