@@ -9,7 +9,7 @@ Across a clone the ancestry decides: the VM a clone was made from sorts before t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import NotFoundError, StateError, UsageError
@@ -205,17 +205,18 @@ class _Lineage:
             parent = known.parent if known is not None else None
 
 
-def render(steps: Sequence[Step]) -> str:
-    """The plan as `vmrepl replicate --dry-run` prints it."""
+def render(steps: Sequence[Step], names: Mapping[str, str] | None = None) -> str:
+    """The plan as `vmrepl replicate --dry-run` prints it; `names` shows snapshots by name, not id."""
     if not steps:
         return "nothing to send: the destination holds every snapshot"
+    label = (lambda sid: names.get(sid, sid)) if names else (lambda sid: sid)
     lines = []
     for n, step in enumerate(steps, 1):
         if step.skip:
-            lines.append(f"{n}. skip {step.snapshot}: {step.reason}")
+            lines.append(f"{n}. skip {label(step.snapshot)}: {step.reason}")
             continue
-        source = f"delta from {step.base}" if step.base else "full"
-        lines.append(f"{n}. send {step.snapshot} ({source}, {step.position})")
+        source = f"delta from {label(step.base)}" if step.base else "full"
+        lines.append(f"{n}. send {label(step.snapshot)} ({source}, {step.position})")
         lines.append(f"   {step.reason}")
     return "\n".join(lines)
 

@@ -39,7 +39,8 @@ def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, 
         with vm_lock(env.state_dir, uuid), Session(catalog, uuid, ssh) as session:
             steps = session.plan(want=want, latest_first=latest_first)
             if dry_run:
-                env.emit([planner.as_json(s) for s in steps], lambda: planner.render(steps))
+                names = {s.id: s.name for s in catalog.snapshots(uuid)}
+                env.emit([planner.as_json(s) for s in steps], lambda: planner.render(steps, names))
                 return
             results = []
             try:
