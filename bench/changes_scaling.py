@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import common as c
 
@@ -41,7 +42,7 @@ CASES = (Case("1 GiB", c.GiB, c.GiB), Case("64 GiB sparse, same writes", 64 * c.
          Case("64 GiB sparse, writes over all of it", 64 * c.GiB, 64 * c.GiB))
 
 
-def write_clusters(image, offsets: list[int]) -> None:  # type: ignore[no-untyped-def]
+def write_clusters(image: Path, offsets: list[int]) -> None:
     block = b"\xab" * WRITE
     with c.nbd_image(image) as h:
         for offset in offsets:
