@@ -43,7 +43,7 @@ DOC_HEAD = """# Benchmarks
 Each section below is written by one script in `bench/`, which replaces only its own section (between
 its markers) when rerun. Run them from the checkout as root, with the venv and the daemons of
 `bash scripts/setup.sh`: `.venv/bin/python bench/NAME.py`. They create throwaway VMs under `run/` and
-remove them afterwards. The CPU profiles need py-spy in the venv (`.venv/bin/pip install py-spy`;
+remove them afterwards. The CPU profiles need py-spy, which `scripts/setup.sh` installs (the `bench` extra;
 without it they are left out); its raw stacks stay in `run/bench/profiles/`.
 
 These machines have 2 cores shared by both ends of every transfer (the "destination" is a network

@@ -84,8 +84,9 @@ the same N received by a destination that holds only 1..D. Both include process 
 {table(["chain depth D", "insert s", "append s", "insert - append s"], rows)}
 
 The rebuild reads only the clusters the two layers hold themselves (qemu-img map of each file alone),
-so its cost stays flat as D grows; what still grows with D is opening the chain (qemu-storage-daemon
-opens every file of a chain: about 1 ms per layer here).
+and the chain below is opened once in qemu-storage-daemon, every new or rebuilt layer being stacked on
+that open node (`backing_node`); so "insert - append" stays flat as D grows. What grows a little with D,
+in both columns, is that one opening of the chain (about 1 ms per layer).
 """
     write_section("insert_cost", text)
     print(text)

@@ -31,7 +31,7 @@ stamp="$venv/.vmrepl-installed"
 want=$(sha256sum "$top/pyproject.toml" | cut -d' ' -f1)
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   say "installing vmrepl (editable) and its Python dependencies"
-  "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]"
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test,bench]"
   echo "$want" >"$stamp"
 else
   say "venv up to date"
