@@ -63,7 +63,7 @@ def test_img_create_chain_map_check_compare(work_dir: Path) -> None:
 
 def test_img_errors_are_one_line(work_dir: Path) -> None:
     with pytest.raises(NotFoundError) as err:
-        img.create(work_dir / "x.qcow2", size=MiB, backing=work_dir / "missing.qcow2")
+        img.info(work_dir / "missing.qcow2")
     assert "\n" not in str(err.value) and "missing.qcow2" in str(err.value)
     (work_dir / "junk.qcow2").write_bytes(b"QFI\xfb" + b"\0" * 508)
     with pytest.raises(QemuError) as err:
