@@ -38,6 +38,17 @@ def covered(extents: list[dict], disk: str, offset: int, length: int) -> bool:
     return False
 
 
+def span(extents: list[dict]) -> list[tuple[int, int]]:
+    """The byte ranges the extents cover, merged, whatever their zero flags."""
+    merged: list[list[int]] = []
+    for e in sorted(extents, key=lambda e: e["offset"]):
+        if merged and merged[-1][1] >= e["offset"]:
+            merged[-1][1] = max(merged[-1][1], e["offset"] + e["length"])
+        else:
+            merged.append([e["offset"], e["offset"] + e["length"]])
+    return [tuple(m) for m in merged]
+
+
 def random_writes(rng: random.Random, vm, count: int) -> list[tuple[str, int, int, int]]:
     """`count` writes of 4 KiB .. 192 KiB at random offsets on both disks; returns what was written."""
     writes = []
@@ -80,8 +91,11 @@ def test_changes_cover_exactly_the_writes(make_vm, src_state, run_vmrepl, runnin
     extents = json.loads(changes(run_vmrepl, src_state, vm, first["id"], "--until", second["id"]).stdout)
     check_ground_truth(extents, writes, [("vda", 40 * MiB, 256 * 1024)])
     assert covered([e for e in extents if e["zero"]], "vdb", 8 * MiB, CLUSTER)
-    only_vdb = json.loads(changes(run_vmrepl, src_state, vm, first["id"], "--disk", "vdb").stdout)
+    only_vdb = json.loads(changes(run_vmrepl, src_state, vm, first["id"], "--until", second["id"],
+                                  "--disk", "vdb").stdout)
     assert only_vdb == [e for e in extents if e["disk"] == "vdb"]
+    now = json.loads(changes(run_vmrepl, src_state, vm, first["id"], "--disk", "vdb").stdout)
+    assert span(now) == span(only_vdb)  # nothing written since: the same bytes (zeros may split otherwise)
 
 
 def test_snapshot_images_keep_their_instant(make_vm, src_state, run_vmrepl, libvirt_conn):
@@ -215,3 +229,30 @@ def test_quiesce_without_guest_agent_is_refused_cleanly(make_vm, src_state, run_
     assert sorted(vm.dir.iterdir()) == files_before
     assert json.loads(run_vmrepl("status", "--json", state_dir=src_state).stdout)["vms"] == []
     snapshot(run_vmrepl, src_state, vm)  # and without --quiesce it works
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "shut-off"])
+def test_changes_up_to_the_disk_as_it_is_now(make_vm, src_state, run_vmrepl, running):
+    """Without --until: the frozen layers' bitmaps and the active layer's (read from the running QEMU)."""
+    vm = make_vm()
+    first = snapshot(run_vmrepl, src_state, vm)
+    vm.write_pattern("vda", 2 * MiB, 65536, 0x21)
+    snapshot(run_vmrepl, src_state, vm)
+    if not running:
+        vm.shutoff()
+    vm.write_pattern("vdb", 3 * MiB, 3 * 65536, 0x22)  # after the last snapshot: only in the active layer
+    vm.write_pattern("vdb", 9 * MiB, 65536, 0x23)
+    vm.write_zeroes("vdb", 9 * MiB, 65536)
+    result = changes(run_vmrepl, src_state, vm, first["id"])
+    assert result.stderr == ""  # from the bitmaps, no fallback
+    extents = json.loads(result.stdout)
+    assert covered(extents, "vda", 2 * MiB, 65536) and covered(extents, "vdb", 3 * MiB, 3 * 65536)
+    assert covered([e for e in extents if e["zero"]], "vdb", 9 * MiB, 65536)
+    assert sum(e["length"] for e in extents) == 5 * 65536
+    if running:  # nothing of the peek is left in QEMU: no extra bitmap, no NBD server
+        import libvirt_qemu
+
+        nodes = json.loads(libvirt_qemu.qemuMonitorCommand(
+            vm.dom, '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}', 0))["return"]
+        assert {b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])} == {"vmrepl"}
+        assert changes(run_vmrepl, src_state, vm, first["id"]).stdout == result.stdout  # the server was stopped

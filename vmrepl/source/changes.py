@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import libvirt
+import nbd
+
 from ..catalog import Catalog, Snapshot
-from ..errors import ChangeTrackingError
+from ..errors import ChangeTrackingError, NotFoundError
 from ..extents import Extent, clip, union
 from ..qemu import img
-from ..qemu.storage_daemon import ALLOCATION, StorageDaemon, allocation_extents, dirty_bitmap_context, dirty_extents
+from ..qemu.storage_daemon import (ALLOCATION, StorageDaemon, allocation_extents, dirty_bitmap_context, dirty_extents,
+                                   iter_block_status)
+from . import domain, live
 from .domain import BITMAP
 
 
@@ -39,29 +44,71 @@ def disk_changes(catalog: Catalog, daemon: StorageDaemon, since: Snapshot | None
     layer = until.disk(target)
     base = next((d for d in since.disks if d.target == target), None) if since else None
     fallbacks: list[str] = []
-    if base is None:
+    if since is None or base is None:
         written = [Extent(0, layer.virtual_size, False)]  # a new disk, or no base: all that holds data
         if since is not None:
             fallbacks.append(f"disk {target} is new since {since.name}: sent whole (sparse)")
     else:
-        chain = [entry["filename"] for entry in img.info(layer.image, chain=True)]
-        if base.image not in chain:
-            raise ChangeTrackingError(
-                f"{since.name}'s layer of {target} is no longer below {until.name}'s "
-                "(the chain was changed outside vmrepl)", hint="replicate with a full send")
-        written = []
-        for path in chain[: chain.index(base.image)]:
-            extents = _bitmap_extents(catalog, daemon, path)
-            if extents is None:
-                fallbacks.append(f"layer {path} of {target} has no trustworthy bitmap: used its allocation map")
-                extents = img.allocation_map(path, own_layer_only=True)
-            written.extend(extents)
-        written = union(written)
+        above = _layers_above(layer.image, base.image, f"{until.name}'s {target}", since)
+        written = _written(catalog, daemon, above, target, fallbacks)
     return DiskChanges(target=target, image=layer.image, virtual_size=layer.virtual_size,
                        base_image=base.image if base else None,
                        extents=_split_zero(daemon, layer.image, written, layer.virtual_size,
                                            drop_zero=base is None),
                        fallbacks=fallbacks)
+
+
+def running_disk_changes(catalog: Catalog, daemon: StorageDaemon, dom: libvirt.virDomain, since: Snapshot,
+                         target: str) -> DiskChanges:
+    """From `since` to the disk as it is now: the frozen layers' bitmaps, then the active layer's, read
+    from the running QEMU (source/live.py) or, for a shut-off domain, from its file."""
+    disk = next((d for d in domain.disks(dom) if d.target == target), None)
+    if disk is None:
+        raise NotFoundError(f"{dom.name()} has no disk {target!r}", hint="see `virsh domblklist`")
+    base = since.disk(target)
+    above = _layers_above(disk.image, base.image, f"the running {target}", since)
+    fallbacks: list[str] = []
+    frozen = _written(catalog, daemon, above[1:], target, fallbacks)
+    size = img.info(disk.image)["virtual-size"]
+    if domain.is_running(dom):
+        node, bitmap = domain.top_bitmaps(dom)[disk.image]
+        sound = bool(bitmap and bitmap.get("recording") and not bitmap.get("inconsistent"))
+        if not sound:
+            fallbacks.append(f"the active layer of {target} has no sound bitmap: used what it holds itself")
+        with live.live_export(dom, node, disk.image, with_bitmap=sound) as handle:
+            active = dirty_extents(handle, live.PEEK) if sound else union(
+                Extent(pos, n) for pos, n, depth in iter_block_status(handle, live.DEPTH) if depth == 1)
+            extents = _zero_pieces(handle, clip(union(frozen, active), size), drop_zero=False)
+    else:
+        active = _file_bitmap(daemon, disk.image)
+        if active is None:
+            fallbacks.append(f"the active layer of {target} has no trustworthy bitmap: used its allocation map")
+            active = img.allocation_map(disk.image, own_layer_only=True)
+        extents = _split_zero(daemon, disk.image, union(frozen, active), size, drop_zero=False)
+    return DiskChanges(target=target, image=disk.image, virtual_size=size, base_image=base.image,
+                       extents=extents, fallbacks=fallbacks)
+
+
+def _layers_above(top: str, base: str, whose: str, since: Snapshot) -> list[str]:
+    """The files of `top`'s chain above `base` (top first): the layers written since `base` froze."""
+    chain = [entry["filename"] for entry in img.info(top, chain=True)]
+    if base not in chain:
+        raise ChangeTrackingError(f"{since.name}'s layer is no longer below {whose} (the chain was changed "
+                                  "outside vmrepl)", hint="replicate with a full send")
+    return chain[: chain.index(base)]
+
+
+def _written(catalog: Catalog, daemon: StorageDaemon, layers: list[str], target: str,
+             fallbacks: list[str]) -> list[Extent]:
+    """The union of what each frozen layer's bitmap (or, failing that, its allocation map) says it took."""
+    written: list[Extent] = []
+    for path in layers:
+        extents = _bitmap_extents(catalog, daemon, path)
+        if extents is None:
+            fallbacks.append(f"layer {path} of {target} has no trustworthy bitmap: used its allocation map")
+            extents = img.allocation_map(path, own_layer_only=True)
+        written.extend(extents)
+    return union(written)
 
 
 def full_disk_changes(daemon: StorageDaemon, until: Snapshot, target: str, *, reason: str) -> DiskChanges:
@@ -75,9 +122,14 @@ def full_disk_changes(daemon: StorageDaemon, until: Snapshot, target: str, *, re
 
 
 def _bitmap_extents(catalog: Catalog, daemon: StorageDaemon, path: str) -> list[Extent] | None:
-    """The layer's dirty extents, or None when its bitmap cannot be trusted."""
+    """The frozen layer's dirty extents, or None when its bitmap cannot be trusted."""
     if catalog.layer_tracking(path) != "bitmap":
         return None
+    return _file_bitmap(daemon, path)
+
+
+def _file_bitmap(daemon: StorageDaemon, path: str) -> list[Extent] | None:
+    """The dirty extents of a file no QEMU writes to, or None when its bitmap is missing or inconsistent."""
     try:
         export = daemon.reader(path, backing=False, bitmaps=[BITMAP], meta_contexts=[dirty_bitmap_context(BITMAP)])
     except ChangeTrackingError:  # missing, or QEMU marks it inconsistent
@@ -93,5 +145,10 @@ def _split_zero(daemon: StorageDaemon, image: str, written: list[Extent], size: 
     if not written:
         return []
     with daemon.reader(image, meta_contexts=[ALLOCATION]) as export:
-        pieces = [piece for extent in written for piece in allocation_extents(export.nbd, extent.offset, extent.length)]
+        return _zero_pieces(export.nbd, written, drop_zero=drop_zero)
+
+
+def _zero_pieces(handle: nbd.NBD, written: list[Extent], *, drop_zero: bool) -> list[Extent]:
+    """`written` cut by base:allocation of an export into zero and data extents."""
+    pieces = [piece for extent in written for piece in allocation_extents(handle, extent.offset, extent.length)]
     return union(p for p in pieces if not (drop_zero and p.zero))
