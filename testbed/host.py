@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -102,6 +103,63 @@ class SecondHost:
             return False
         addresses = run(["ip", "-o", "addr", "show", "dev", self.veth_source], check=False).stdout
         return f"{self.source_address}/{PREFIX_LEN}" in addresses and _reachable(self.address, self.port, 1.0)
+
+    # --- its own libvirtd (started on demand: failover tests) ------------------------------------------
+
+    @property
+    def libvirt_dir(self) -> Path:
+        return self.base / "dst" / "libvirt"
+
+    @property
+    def libvirt_uri(self) -> str:
+        """The URI of the host's own libvirtd, reached through its socket from the source side."""
+        return f"qemu:///system?socket={self.libvirt_dir / 'run' / 'libvirt' / 'libvirt-sock'}"
+
+    def start_libvirtd(self) -> str:
+        """Start virtlogd and libvirtd inside the namespace, with private /run, /etc/libvirt and
+        /var/{lib,cache,log}/libvirt bound from `libvirt_dir` (a mount namespace of their own), unless
+        they run already; returns `libvirt_uri`."""
+        with self._lock():
+            if self._libvirt_pids()["libvirtd"] is not None:
+                return self.libvirt_uri
+            self._stop_libvirtd()
+            base = self.libvirt_dir
+            for d in ("run", "lib", "cache", "log"):
+                public_dir(base / d)
+            if not (base / "etc" / "qemu.conf").exists():
+                shutil.copytree("/etc/libvirt", base / "etc", symlinks=True, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("hooks"))
+                with open(base / "etc" / "qemu.conf", "a") as conf:
+                    conf.write("\n# vmrepl test bed: no cgroup controllers in a namespace without systemd\n"
+                               "cgroup_controllers = [ ]\n")
+            binds = [("run", "/run"), ("lib", "/var/lib/libvirt"), ("cache", "/var/cache/libvirt"),
+                     ("log", "/var/log/libvirt"), ("etc", "/etc/libvirt")]
+            script = "set -e; mount --make-rprivate /; " + "".join(
+                f"mount --bind {shlex.quote(str(base / d))} {target}; " for d, target in binds) + \
+                "virtlogd -d; libvirtd -d"
+            run(self.ns_argv("unshare", "--mount", "sh", "-c", script))
+            deadline = time.monotonic() + 30
+            while run(["virsh", "-q", "-c", self.libvirt_uri, "uri"], check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the libvirtd of {self.netns} does not answer on {self.libvirt_uri}")
+                time.sleep(0.2)
+        return self.libvirt_uri
+
+    def _libvirt_pids(self) -> dict[str, int | None]:
+        pids: dict[str, int | None] = {}
+        for daemon in ("libvirtd", "virtlogd"):
+            try:
+                pid = int((self.libvirt_dir / "run" / f"{daemon}.pid").read_text().strip())
+                alive = Path(f"/proc/{pid}/comm").read_text().strip() == daemon
+            except (OSError, ValueError):
+                pid, alive = 0, False
+            pids[daemon] = pid if alive else None
+        return pids
+
+    def _stop_libvirtd(self) -> None:
+        for pid in self._libvirt_pids().values():
+            if pid is not None:
+                _terminate(pid)
 
     def sshd_pid(self) -> int | None:
         """PID of this host's sshd, if its pid file names a live sshd started with our config."""
@@ -205,6 +263,7 @@ class SecondHost:
         return Path("/run/netns", self.netns).exists()
 
     def _teardown(self) -> None:
+        self._stop_libvirtd()  # its domains' QEMUs stay: tests remove their domains themselves
         pid = self.sshd_pid()
         if pid is not None:
             _terminate(pid)

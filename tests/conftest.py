@@ -182,6 +182,17 @@ def daemon() -> Iterator[StorageDaemon]:
 
 
 @pytest.fixture(scope="session")
+def dst_libvirt(second_host: SecondHost) -> Iterator[tuple[str, libvirt.virConnect]]:
+    """The second host's own libvirtd (started on first use, in its namespace): (URI, connection)."""
+    uri = second_host.start_libvirtd()
+    conn = libvirt.open(uri)
+    cleanup_leftovers(conn)
+    yield uri, conn
+    cleanup_leftovers(conn, owner=os.getpid())
+    conn.close()
+
+
+@pytest.fixture(scope="session")
 def second_host() -> Iterator[SecondHost]:
     """The destination host (netns + sshd), started once; stopped at the end unless another
     pytest session in this checkout still uses it."""

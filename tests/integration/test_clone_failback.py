@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import libvirt
+
 from testbed import VMREPL
 from testbed.vm import VM, remove_domain, vm_name
 from vmrepl.qemu import img
@@ -44,8 +46,40 @@ def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second
         remove_domain(libvirt_conn, name)
 
 
-def test_failover_then_failback_sends_only_the_changes_since_the_anchor(make_vm, libvirt_conn, second_host,
-                                                                       src_state, dst_state, run_vmrepl):
+def test_failover_to_the_destinations_libvirtd_and_failback_as_a_delta(make_vm, second_host, dst_libvirt,
+                                                                      src_state, dst_state, run_vmrepl):
+    """The VM comes up on the second host's own libvirtd with its name and UUID, runs and is snapshotted
+    there, and goes back to the original host as a delta on the anchor."""
+    uri, dst_conn = dst_libvirt
+    vm = make_vm({"vda": 64 * MiB, "vdb": 32 * MiB})
+    vm.write_random("vda", 0, 4 * MiB)
+    run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    anchor = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
+    run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    vm.shutoff()  # the source host "fails"
+
+    try:
+        done = run_vmrepl("recover", vm.name, "--snapshot", anchor["id"], "--start", "--connect", uri, "--json",
+                          state_dir=dst_state).json()
+        assert (done["vm"], done["vm_uuid"]) == (vm.name, vm.uuid)
+        there = VM(dst_conn, vm.name, vm.dir)
+        assert there.is_running() and vm.name not in [d.name() for d in vm.conn.listAllDomains(
+            libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+        there.write_random("vdb", 8 * MiB, MiB)
+        after = run_vmrepl("snapshot", vm.name, "--connect", uri, "--json", state_dir=dst_state).json()
+        assert after["parent"] == anchor["id"] and after["generation"] == anchor["generation"] + 1
+        back = run_vmrepl("replicate", vm.name, "--json", *ssh_args(second_host, src_state), state_dir=dst_state).json()
+        assert [(b["id"], b["base"]) for b in back] == [(after["id"], anchor["id"])]
+        assert back[0]["bytes_sent"] <= 1.01 * MiB + 64 * 1024, back
+        run_vmrepl("verify", vm.name, *ssh_args(second_host, src_state), state_dir=dst_state)
+        home = [s["id"] for s in run_vmrepl("list", vm.name, "--json", state_dir=src_state).json()]
+        assert home[-1] == after["id"]  # the original host now holds the snapshot taken on the other side
+    finally:
+        remove_domain(dst_conn, vm.name)
+
+
+def test_recovered_under_a_new_name_fails_back_as_a_delta(make_vm, libvirt_conn, second_host,
+                                                          src_state, dst_state, run_vmrepl):
     vm = make_vm({"vda": 64 * MiB, "vdb": 32 * MiB})
     vm.write_random("vda", 0, 4 * MiB)
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
