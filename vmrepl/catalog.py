@@ -51,6 +51,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vm_uuid, host)
     );
     """,
+    # A snapshot pruned on this host but still held elsewhere stays as a row with held = 0 (a "ghost"):
+    # its layers then name where it stood in the chain (the layer below it, '' below the bottom), so that
+    # a delta from it, a superset of the true one, can still be computed.
+    """
+    ALTER TABLE snapshots ADD COLUMN held INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -79,6 +85,7 @@ class Snapshot:
     origin: str
     disks: tuple[Layer, ...] = field(default=())
     definition: str = ""
+    held: bool = True  # False: pruned here, kept only as a delta base position (see MIGRATIONS[1])
 
     def disk(self, target: str) -> Layer:
         for layer in self.disks:
@@ -185,17 +192,19 @@ class Catalog:
                 [(snap.id, d.target, d.image, d.virtual_size, d.tracking) for d in snap.disks],
             )
 
-    def snapshots(self, vm_uuid: str) -> list[Snapshot]:
-        """The VM's snapshots held here, oldest first (by generation, then creation time)."""
+    def snapshots(self, vm_uuid: str, *, ghosts: bool = False) -> list[Snapshot]:
+        """The VM's snapshots held here (with `ghosts`, pruned ones too), oldest first (by generation,
+        then creation time)."""
         rows = self.db.execute(
-            "SELECT s.id FROM snapshots s WHERE s.vm_uuid = ? ORDER BY s.generation, s.created_ns", (vm_uuid,)
+            "SELECT s.id FROM snapshots s WHERE s.vm_uuid = ? AND (s.held OR ?) ORDER BY s.generation, s.created_ns",
+            (vm_uuid, ghosts),
         ).fetchall()
         return [self._load(r[0]) for r in rows]
 
     def snapshot(self, vm_uuid: str, ref: str) -> Snapshot:
         """A snapshot of the VM by id, unique id prefix, or name."""
         rows = self.db.execute(
-            "SELECT id FROM snapshots WHERE vm_uuid = ? AND (id = ? OR name = ? OR id LIKE ? || '%')"
+            "SELECT id FROM snapshots WHERE vm_uuid = ? AND held AND (id = ? OR name = ? OR id LIKE ? || '%')"
             " ORDER BY id = ? DESC, name = ? DESC",
             (vm_uuid, ref, ref, ref.replace("%", "").replace("_", ""), ref, ref),
         ).fetchall()
@@ -217,9 +226,26 @@ class Catalog:
                             " WHERE parent = ?", (snapshot_id, snapshot_id))
             self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
+    def merge_down(self, gone: Snapshot, younger: Snapshot, merged: dict[str, str], below: dict[str, str]) -> None:
+        """Record a prune: `younger`'s layers are now the `merged` images (their own clusters say what
+        changed, not their bitmaps), and `gone` becomes a ghost standing on the `below` images ('' where
+        the merged layer is the bottom of its chain: then everything in the chain is newer than it)."""
+        with self.transaction():
+            self.db.executemany("UPDATE layers SET image = ?, tracking = 'allocation' WHERE snapshot_id = ? AND target = ?",
+                                [(image, younger.id, target) for target, image in merged.items()])
+            ghosts = "snapshot_id IN (SELECT id FROM snapshots WHERE NOT held)"
+            for target, image in merged.items():  # ghosts that stood on the merged layer now stand below it
+                self.db.execute(f"UPDATE layers SET image = ? WHERE image = ? AND {ghosts}", (below[target], image))
+            self.db.execute("UPDATE snapshots SET held = 0 WHERE id = ?", (gone.id,))
+            self.db.execute("DELETE FROM layers WHERE snapshot_id = ?", (gone.id,))
+            self.db.executemany("INSERT INTO layers(snapshot_id, target, image, virtual_size, tracking)"
+                                " VALUES (?, ?, ?, ?, 'allocation')",
+                                [(gone.id, t, image, gone.disk(t).virtual_size) for t, image in below.items()])
+
     def _load(self, snapshot_id: str) -> Snapshot:
         row = self.db.execute(
-            "SELECT s.id, s.vm_uuid, v.name, s.name, s.parent, s.created_ns, s.generation, s.origin, s.definition"
+            "SELECT s.id, s.vm_uuid, v.name, s.name, s.parent, s.created_ns, s.generation, s.origin, s.definition,"
+            " s.held"
             " FROM snapshots s JOIN vms v ON v.uuid = s.vm_uuid WHERE s.id = ?",
             (snapshot_id,),
         ).fetchone()
@@ -229,16 +255,18 @@ class Catalog:
                 "SELECT target, image, virtual_size, tracking FROM layers WHERE snapshot_id = ? ORDER BY target", (snapshot_id,)
             )
         )
-        return Snapshot(*row[:8], disks=disks, definition=row[8])
+        return Snapshot(*row[:8], disks=disks, definition=row[8], held=bool(row[9]))
 
     def snapshot_by_image(self, image: str) -> Snapshot | None:
         """The snapshot one of whose disks is this image file (a frozen layer, or a received layer)."""
-        row = self.db.execute("SELECT snapshot_id FROM layers WHERE image = ?", (image,)).fetchone()
+        row = self.db.execute("SELECT l.snapshot_id FROM layers l JOIN snapshots s ON s.id = l.snapshot_id"
+                              " WHERE l.image = ? AND s.held", (image,)).fetchone()
         return self._load(row[0]) if row else None
 
     def layer_tracking(self, image: str) -> str | None:
         """How far the `vmrepl` bitmap of a catalogued layer file can be trusted; None if not catalogued."""
-        row = self.db.execute("SELECT tracking FROM layers WHERE image = ?", (image,)).fetchone()
+        row = self.db.execute("SELECT l.tracking FROM layers l JOIN snapshots s ON s.id = l.snapshot_id"
+                              " WHERE l.image = ? AND s.held", (image,)).fetchone()
         return row[0] if row else None
 
     # --- targets -------------------------------------------------------------------------------

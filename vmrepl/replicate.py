@@ -110,10 +110,12 @@ class Session:
     # --- planning ------------------------------------------------------------------------------
 
     def plan(self, *, want: list[str] | None, latest_first: bool) -> list[planner.Step]:
-        own = self.catalog.snapshots(self.vm_uuid)
+        own = self.catalog.snapshots(self.vm_uuid, ghosts=True)
         ancestors = self._ancestors(own)
+        # A ghost (pruned here) can no longer be sent, but is still a base while it stands on a layer.
         lineage = [planner.SourceSnapshot(id=s.id, parent=s.parent, created_ns=s.created_ns, generation=s.generation,
-                                          vm=s.vm_uuid, name=s.name) for s in ancestors + own]
+                                          vm=s.vm_uuid, name=s.name, on_source=s.held, tracked=bool(s.disks))
+                   for s in ancestors + own]
         held = list(self.held.snapshots)
         for vm_uuid in {s.vm_uuid for s in ancestors}:  # a clone: what the destination holds of its origin
             with Session(self.catalog, vm_uuid, self.options) as other:

@@ -11,7 +11,7 @@ import click
 
 from .. import __version__
 from ..errors import VmreplError
-from . import (changes_cmd, clone_cmd, hook_event_cmd, list_cmd, metrics_cmd, receive_cmd, recover_cmd, replicate_cmd,
+from . import (changes_cmd, clone_cmd, hook_event_cmd, list_cmd, metrics_cmd, prune_cmd, receive_cmd, recover_cmd, replicate_cmd,
                snapshot_cmd, status_cmd, verify_cmd)
 from .common import Env, global_options
 
@@ -29,7 +29,7 @@ def cli(ctx: click.Context) -> None:
 
 for command in (snapshot_cmd.snapshot, list_cmd.list_, changes_cmd.changes, replicate_cmd.replicate,
                 receive_cmd.receive, verify_cmd.verify, clone_cmd.clone, recover_cmd.recover, status_cmd.status,
-                metrics_cmd.metrics,
+                metrics_cmd.metrics, prune_cmd.prune,
                 hook_event_cmd.hook_event):
     cli.add_command(command)
 

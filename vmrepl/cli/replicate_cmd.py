@@ -39,7 +39,7 @@ def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, 
         with vm_lock(env.state_dir, uuid), Session(catalog, uuid, ssh) as session:
             steps = session.plan(want=want, latest_first=latest_first)
             if dry_run:
-                names = {s.id: s.name for s in catalog.snapshots(uuid)}
+                names = {s.id: s.name for s in catalog.snapshots(uuid, ghosts=True)}
                 env.emit([planner.as_json(s) for s in steps], lambda: planner.render(steps, names))
                 return
             results = []

@@ -47,6 +47,11 @@ def rebase_unsafe(path: StrPath, backing: StrPath | None) -> None:
     _run([*args, str(path)], str(path))
 
 
+def commit(path: StrPath) -> None:
+    """Write the clusters of `path` into its backing file (which then reads as `path` did)."""
+    _run(["commit", "-q", "-f", "qcow2", str(path)], str(path))
+
+
 def check(path: StrPath) -> dict[str, Any]:
     """`qemu-img check` of one layer; the dict has `check-errors`, `corruptions`, `leaks` (when non-zero)."""
     # Exit 2 (corruptions) and 3 (leaks) still print the JSON report; only 1 means no report.

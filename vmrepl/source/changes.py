@@ -90,8 +90,11 @@ def running_disk_changes(catalog: Catalog, daemon: StorageDaemon, dom: libvirt.v
 
 
 def _layers_above(top: str, base: str, whose: str, since: Snapshot) -> list[str]:
-    """The files of `top`'s chain above `base` (top first): the layers written since `base` froze."""
+    """The files of `top`'s chain above `base` (top first): the layers written since `base` froze. An
+    empty `base` (a pruned snapshot that stood below the chain's bottom) puts the whole chain above it."""
     chain = [entry["filename"] for entry in img.info(top, chain=True)]
+    if not base:
+        return chain
     if base not in chain:
         raise ChangeTrackingError(f"{since.name}'s layer is no longer below {whose} (the chain was changed "
                                   "outside vmrepl)", hint="replicate with a full send")

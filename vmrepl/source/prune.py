@@ -1,0 +1,124 @@
+"""Pruning snapshots on the source: a snapshot goes by merging the next younger snapshot's layer down
+into its layer (libvirt block commit while the domain runs, `qemu-img commit` while it is shut off), so
+the younger snapshot and everything above read exactly as before and the gone snapshot's data is freed.
+
+The gone snapshot stays in the catalog as a ghost standing where it stood in the chain (on the layer
+below it): a destination that still holds it can still take a delta from it, now a superset of the true
+one (docs/PLANNING.md), and the receiver drops what its base already reads. A snapshot that is an anchor
+of a target, the newest one, or one whose layer another domain's disk stands on (a linked clone) is
+never pruned, and the command says why.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import libvirt
+
+from ..catalog import Catalog, Snapshot
+from ..errors import SourceError
+from ..qemu import img
+from ..state import fsync_dir
+from . import domain
+
+JOB_SECONDS = 3600.0
+
+
+def plan_prune(catalog: Catalog, vm_uuid: str, keep: set[str], others: set[str]) -> tuple[list[Snapshot], dict[str, str]]:
+    """What goes (oldest first) and, for what the rules would drop but must stay, why."""
+    snaps = catalog.snapshots(vm_uuid)
+    protected = {snaps[-1].id: "the newest snapshot (the running disk stands on it)"} if snaps else {}
+    protected |= {a: "an anchor: a destination's next delta is based on it" for a in catalog.anchors(vm_uuid)}
+    for s in snaps:
+        if s.origin != "local":
+            protected.setdefault(s.id, "received here: pruning received snapshots is not supported yet")
+        elif any(d.image in others for d in s.disks):
+            protected.setdefault(s.id, "another domain's disk (a linked clone) stands on its layer")
+    gone, kept_why = [], {}
+    for s in snaps:
+        if s.id in keep:
+            continue
+        if s.id in protected:
+            kept_why[s.id] = protected[s.id]
+        else:
+            gone.append(s)
+    return gone, kept_why
+
+
+def files_of_other_domains(conn: libvirt.virConnect, dom: libvirt.virDomain) -> set[str]:
+    """Every image file in the chains of the other domains' disks: layers that must not change."""
+    files: set[str] = set()
+    for other in conn.listAllDomains():
+        if other.UUIDString() == dom.UUIDString():
+            continue
+        try:
+            disks = domain.disks(other)
+        except SourceError:
+            continue  # a domain vmrepl does not handle (raw disks...) cannot stand on a vmrepl layer
+        for disk in disks:
+            files.update(entry["filename"] for entry in img.info(disk.image, chain=True))
+    return files
+
+
+def prune_one(dom: libvirt.virDomain, catalog: Catalog, gone: Snapshot) -> Snapshot:
+    """Merge the layer of `gone`'s next younger snapshot into `gone`'s layer, disk by disk; returns it."""
+    gone = catalog.find_snapshot(gone.id) or gone  # an earlier merge of this run may have moved its layers
+    snaps = catalog.snapshots(gone.vm_uuid)
+    younger = snaps[[s.id for s in snaps].index(gone.id) + 1]
+    if {d.target for d in gone.disks} != {d.target for d in younger.disks}:
+        raise SourceError(f"cannot prune {gone.name}: its disks differ from {younger.name}'s",
+                          hint="keep it until the disks it had are gone from the newer snapshots too")
+    running = domain.is_running(dom)
+    merged, below, freed = {}, {}, []
+    for layer in gone.disks:
+        top = younger.disk(layer.target).image
+        if running:
+            _block_commit(dom, layer.target, base=layer.image, top=top)
+        else:
+            _offline_commit(layer.image, top, _above(dom, layer.target, top))
+        merged[layer.target] = layer.image
+        backing = img.info(layer.image).get("full-backing-filename")
+        below[layer.target] = os.path.normpath(backing) if backing else ""
+        freed.append(top)
+    catalog.merge_down(gone, younger, merged, below)
+    for path in freed:  # no chain and no catalog row names it any more
+        Path(path).unlink(missing_ok=True)
+        fsync_dir(Path(path).parent)
+    try:
+        dom.snapshotLookupByName(gone.name).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+    except libvirt.libvirtError:
+        pass  # no libvirt metadata for it (taken elsewhere, or already removed by hand)
+    return gone
+
+
+def _block_commit(dom: libvirt.virDomain, target: str, *, base: str, top: str) -> None:
+    try:
+        dom.blockCommit(target, base, top, 0, 0)
+    except libvirt.libvirtError as err:
+        raise SourceError(f"libvirt could not merge {top} into {base}: {err.get_error_message()}") from err
+    deadline = time.monotonic() + JOB_SECONDS
+    while dom.blockJobInfo(target, 0):
+        if time.monotonic() > deadline:
+            raise SourceError(f"merging layers of {target} did not finish", hint=f"see `virsh blockjob {dom.name()} {target}`")
+        time.sleep(0.1)
+    if top in _chain(dom, target):
+        raise SourceError(f"merging {top} into {base} did not complete", hint="see libvirt's log")
+
+
+def _offline_commit(base: str, top: str, above: str) -> None:
+    """Shut off: copy `top`'s clusters into `base`, then point the layer above `top` at `base`."""
+    img.commit(top)                      # into its backing file, `base`
+    img.rebase_unsafe(above, base)       # safe here: `base` now reads as `top` did
+
+
+def _above(dom: libvirt.virDomain, target: str, top: str) -> str:
+    """The file of the disk's chain whose backing file is `top`."""
+    chain = _chain(dom, target)
+    return chain[chain.index(top) - 1]
+
+
+def _chain(dom: libvirt.virDomain, target: str) -> list[str]:
+    disk = next(d for d in domain.disks(dom) if d.target == target)
+    return [entry["filename"] for entry in img.info(disk.image, chain=True)]
