@@ -66,13 +66,16 @@ if [[ -d /run/systemd/system ]]; then
   $restart_libvirtd && systemctl restart libvirtd
   systemctl start virtlogd libvirtd
 else
-  pgrep -x virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
-  if $restart_libvirtd && pid=$(pgrep -x libvirtd); then
+  # This host's daemons are the ones named by the pid files in /run (the test bed's second host runs
+  # its own libvirtd and virtlogd in a namespace, with a /run of their own).
+  running() { local pid; pid=$(cat "/run/$1.pid" 2>/dev/null) && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1" ]] && echo "$pid"; }
+  running virtlogd >/dev/null || { say "starting virtlogd"; virtlogd -d; }
+  if $restart_libvirtd && pid=$(running libvirtd); then
     say "restarting libvirtd (pid $pid) to load the hook"
     kill "$pid"
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   fi
-  if ! pgrep -x libvirtd >/dev/null; then
+  if ! running libvirtd >/dev/null; then
     say "starting libvirtd"
     libvirtd -d
   fi

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from vmrepl.state import write_file_durably
 
-from . import ROOT, RUN_DIR, pid_alive, public_dir, run
+from . import ROOT, RUN_DIR, VMREPL, pid_alive, public_dir, run
 
 DEFAULT_NETNS = "vmrepl-dst"
 ADDRESS = "10.213.0.2"
@@ -228,6 +228,13 @@ class SecondHost:
             kept = [entry for entry in old if blob not in entry.split()]
             _write_atomically(self.authorized_keys, "".join(f"{entry}\n" for entry in [*kept, line]))
         return line
+
+    def vmrepl_args(self, receiver_state: Path, *, identity: Path | None = None,
+                    known_hosts: Path | None = None, remote: str | None = None) -> list[str]:
+        """`vmrepl replicate|verify` options that reach this host's `vmrepl receive --state-dir RECEIVER_STATE`."""
+        return ["--to", self.destination, "--identity", str(identity or self.identity),
+                "--known-hosts", str(known_hosts or self.known_hosts),
+                "--remote-command", remote or f"{VMREPL} receive --state-dir {receiver_state}"]
 
     def env(self) -> dict[str, str]:
         """The environment a shell (or a test) uses to reach the host with vmrepl."""

@@ -7,16 +7,10 @@ import os
 
 import libvirt
 
-from testbed import VMREPL
 from testbed.vm import VM, remove_domain, vm_name
 from vmrepl.qemu import img
 
 MiB = 1 << 20
-
-
-def ssh_args(host, receiver_state) -> list[str]:
-    return ["--to", host.destination, "--identity", str(host.identity), "--known-hosts", str(host.known_hosts),
-            "--remote-command", f"{VMREPL} receive --state-dir {receiver_state}"]
 
 
 def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second_host, src_state, dst_state,
@@ -24,7 +18,7 @@ def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second
     origin = make_vm({"vda": 64 * MiB})
     origin.write_random("vda", 0, 8 * MiB)
     base = run_vmrepl("snapshot", origin.name, "--json", state_dir=src_state).json()
-    run_vmrepl("replicate", origin.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("replicate", origin.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
 
     name = vm_name("clone")
     try:
@@ -35,10 +29,10 @@ def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second
         clone.write_random("vda", 16 * MiB, MiB)
         own = run_vmrepl("snapshot", name, "--json", state_dir=src_state).json()
         assert own["parent"] == base["id"] and own["vm_uuid"] != base["vm_uuid"]
-        (sent,) = run_vmrepl("replicate", name, "--json", *ssh_args(second_host, dst_state), state_dir=src_state).json()
+        (sent,) = run_vmrepl("replicate", name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state).json()
         assert sent["id"] == own["id"] and sent["base"] == base["id"]
         assert sent["bytes_sent"] <= 1.01 * MiB + 64 * 1024, sent
-        run_vmrepl("verify", name, *ssh_args(second_host, dst_state), state_dir=src_state)
+        run_vmrepl("verify", name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
         (held,) = run_vmrepl("list", name, "--json", state_dir=dst_state).json()
         origin_layer = run_vmrepl("list", origin.name, "--json", state_dir=dst_state).json()[0]["disks"][0]["image"]
         assert os.path.normpath(img.info(held["disks"][0]["image"])["full-backing-filename"]) == origin_layer
@@ -55,7 +49,7 @@ def test_failover_to_the_destinations_libvirtd_and_failback_as_a_delta(make_vm, 
     vm.write_random("vda", 0, 4 * MiB)
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
     anchor = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
-    run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     vm.shutoff()  # the source host "fails"
 
     try:
@@ -68,10 +62,10 @@ def test_failover_to_the_destinations_libvirtd_and_failback_as_a_delta(make_vm, 
         there.write_random("vdb", 8 * MiB, MiB)
         after = run_vmrepl("snapshot", vm.name, "--connect", uri, "--json", state_dir=dst_state).json()
         assert after["parent"] == anchor["id"] and after["generation"] == anchor["generation"] + 1
-        back = run_vmrepl("replicate", vm.name, "--json", *ssh_args(second_host, src_state), state_dir=dst_state).json()
+        back = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(src_state), state_dir=dst_state).json()
         assert [(b["id"], b["base"]) for b in back] == [(after["id"], anchor["id"])]
         assert back[0]["bytes_sent"] <= 1.01 * MiB + 64 * 1024, back
-        run_vmrepl("verify", vm.name, *ssh_args(second_host, src_state), state_dir=dst_state)
+        run_vmrepl("verify", vm.name, *second_host.vmrepl_args(src_state), state_dir=dst_state)
         home = [s["id"] for s in run_vmrepl("list", vm.name, "--json", state_dir=src_state).json()]
         assert home[-1] == after["id"]  # the original host now holds the snapshot taken on the other side
     finally:
@@ -85,7 +79,7 @@ def test_recovered_under_a_new_name_fails_back_as_a_delta(make_vm, libvirt_conn,
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
     vm.write_random("vdb", MiB, 2 * MiB)
     anchor = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
-    run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     vm.shutoff()  # the source host "fails"
 
     name = vm_name("recovered")
@@ -98,9 +92,9 @@ def test_recovered_under_a_new_name_fails_back_as_a_delta(make_vm, libvirt_conn,
         after = run_vmrepl("snapshot", name, "--json", state_dir=dst_state).json()
         assert after["parent"] == anchor["id"]
         # failback: the destination sends to the original host's state (same sshd, other receiver state)
-        back = run_vmrepl("replicate", name, "--json", *ssh_args(second_host, src_state), state_dir=dst_state).json()
+        back = run_vmrepl("replicate", name, "--json", *second_host.vmrepl_args(src_state), state_dir=dst_state).json()
         assert [(b["id"], b["base"]) for b in back] == [(after["id"], anchor["id"])]
         assert back[0]["bytes_sent"] <= 1.01 * MiB + 64 * 1024, back
-        run_vmrepl("verify", name, *ssh_args(second_host, src_state), state_dir=dst_state)
+        run_vmrepl("verify", name, *second_host.vmrepl_args(src_state), state_dir=dst_state)
     finally:
         remove_domain(libvirt_conn, name)

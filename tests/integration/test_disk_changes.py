@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import subprocess
 
-from testbed import VMREPL
 from vmrepl.qemu import img
 
 MiB = 1 << 20
-
-
-def ssh_args(host, dst_state) -> list[str]:
-    return ["--to", host.destination, "--identity", str(host.identity), "--known-hosts", str(host.known_hosts),
-            "--remote-command", f"{VMREPL} receive --state-dir {dst_state}"]
 
 
 def check_all(run_vmrepl, vm, src_state, dst_state) -> None:
@@ -32,7 +26,7 @@ def test_added_resized_and_detached_disks(make_vm, libvirt_conn, second_host, sr
     vm.write_pattern("vda", 0, MiB, 0x01)
     vm.write_pattern("vdb", 0, MiB, 0x02)
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
-    run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
 
     # a disk attached since the base, and vdb grown
     extra = vm.dir / "vdc.qcow2"
@@ -48,7 +42,7 @@ def test_added_resized_and_detached_disks(make_vm, libvirt_conn, second_host, sr
     second = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
     assert {d["target"]: d["virtual_size"] for d in second["disks"]} == {"vda": 32 * MiB, "vdb": 24 * MiB,
                                                                        "vdc": 8 * MiB}
-    (sent,) = run_vmrepl("replicate", vm.name, "--json", *ssh_args(second_host, dst_state), state_dir=src_state).json()
+    (sent,) = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state).json()
     assert sent["bytes_sent"] < 3 * MiB // 10  # patterns compress; vdc went whole but sparse
     check_all(run_vmrepl, vm, src_state, dst_state)
     held = {d["target"]: d["image"] for d in run_vmrepl("list", vm.name, "--json", state_dir=dst_state).json()[-1]["disks"]}
@@ -60,6 +54,6 @@ def test_added_resized_and_detached_disks(make_vm, libvirt_conn, second_host, sr
     vm.write_pattern("vda", 8 * MiB, 65536, 0x06)
     third = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
     assert [d["target"] for d in third["disks"]] == ["vda", "vdb"]
-    run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     check_all(run_vmrepl, vm, src_state, dst_state)
-    run_vmrepl("verify", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)

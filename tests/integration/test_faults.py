@@ -87,9 +87,7 @@ class Rig:
 
     def ssh_args(self, *, remote: str | None = None, identity: Path | None = None,
                  known_hosts: Path | None = None) -> list[str]:
-        return ["--to", self.host.destination, "--identity", str(identity or self.host.identity),
-                "--known-hosts", str(known_hosts or self.host.known_hosts),
-                "--remote-command", remote or f"{VMREPL} receive --state-dir {self.dst}"]
+        return self.host.vmrepl_args(self.dst, identity=identity, known_hosts=known_hosts, remote=remote)
 
     def snapshot(self, data: dict[str, int]) -> dict:
         """Write `data[target]` bytes of fresh incompressible data at the start of each disk, snapshot."""

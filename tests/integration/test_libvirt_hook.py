@@ -18,7 +18,7 @@ INSTALLED = Path("/etc/libvirt/hooks/qemu.d/vmrepl")
 
 
 def restart_libvirtd() -> None:
-    pid = int(subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True, check=True).stdout.split()[0])
+    pid = int(Path("/run/libvirtd.pid").read_text())  # this host's; the second host runs one of its own
     subprocess.run(["kill", str(pid)], check=True)
     for _ in range(100):
         if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0:

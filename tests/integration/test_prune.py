@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from testbed import VMREPL
 from vmrepl.qemu import img
 
 MiB = 1 << 20
-
-
-def ssh_args(host, dst_state) -> list[str]:
-    return ["--to", host.destination, "--identity", str(host.identity), "--known-hosts", str(host.known_hosts),
-            "--remote-command", f"{VMREPL} receive --state-dir {dst_state}"]
 
 
 def names(run_vmrepl, state, vm) -> list[str]:
@@ -26,7 +20,7 @@ def test_prune_keeps_anchors_and_a_pruned_snapshot_stays_a_base(make_vm, second_
     for i, name in enumerate(["s1", "s2"]):
         vm.write_random("vda", i * 4 * MiB, MiB)
         run_vmrepl("snapshot", vm.name, "--name", name, state_dir=src_state)
-    run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)  # anchor: s2
+    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)  # anchor: s2
     for i, name in enumerate(["s3", "s4"], 2):
         vm.write_random("vda", i * 4 * MiB, MiB)
         run_vmrepl("snapshot", vm.name, "--name", name, state_dir=src_state)
@@ -42,7 +36,7 @@ def test_prune_keeps_anchors_and_a_pruned_snapshot_stays_a_base(make_vm, second_
     assert img.compare(mine["s2"], theirs["s2"])  # the anchor reads as before
     assert mine["s4"] == images["s3"]  # s4's layer was merged down into s3's, which s4 now owns
     assert vm.is_running()
-    (sent,) = run_vmrepl("replicate", vm.name, "--json", *ssh_args(second_host, dst_state), state_dir=src_state).json()
+    (sent,) = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state).json()
     assert sent["base"] == names_to_ids(run_vmrepl, src_state, vm)["s2"]
     assert 2 * MiB <= sent["bytes_sent"] <= 2 * MiB * 1.02 + 64 * 1024  # s3's and s4's changes, nothing more
 
@@ -55,12 +49,12 @@ def test_prune_keeps_anchors_and_a_pruned_snapshot_stays_a_base(make_vm, second_
     db.close()
     run_vmrepl("prune", vm.name, "--keep", "last=1", state_dir=src_state)
     assert names(run_vmrepl, src_state, vm) == ["s5"]
-    plan = run_vmrepl("replicate", vm.name, "--dry-run", *ssh_args(second_host, dst_state), state_dir=src_state)
+    plan = run_vmrepl("replicate", vm.name, "--dry-run", *second_host.vmrepl_args(dst_state), state_dir=src_state)
     assert "delta from s4" in plan.stdout  # pruned here, still the youngest base the destination holds
-    (sent,) = run_vmrepl("replicate", vm.name, "--json", *ssh_args(second_host, dst_state), state_dir=src_state).json()
+    (sent,) = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state).json()
     # a superset of the true delta (s4's layer had become the chain's bottom: all 5 MiB written) ...
     assert MiB <= sent["bytes_sent"] <= 5 * MiB * 1.02 + 64 * 1024
-    run_vmrepl("verify", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     layer = run_vmrepl("list", vm.name, "--json", state_dir=dst_state).json()[-1]["disks"][0]["image"]
     own = img.allocation_map(layer, own_layer_only=True)
     assert sum(e.length for e in own if not e.zero) <= MiB + 2 * 65536  # ... of which only s5's is stored
@@ -76,19 +70,19 @@ def test_prune_of_a_shut_off_domain(make_vm, second_host, src_state, dst_state, 
         vm.write_pattern("vda", i * MiB, MiB, 0x30 + i)
         vm.write_pattern("vdb", i * 65536, 65536, 0x40 + i)
         run_vmrepl("snapshot", vm.name, "--name", f"s{i + 1}", state_dir=src_state)
-    run_vmrepl("replicate", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     result = run_vmrepl("prune", vm.name, "--keep", "last=1", "--json", state_dir=src_state).json()
     assert result["pruned"] == ["s1", "s2", "s3"]
     assert names(run_vmrepl, src_state, vm) == ["s4"]
-    run_vmrepl("verify", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)  # s4 reads as before
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)  # s4 reads as before
     for snap in run_vmrepl("list", vm.name, "--json", state_dir=src_state).json():
         for disk in snap["disks"]:
             assert not img.check(disk["image"]).get("corruptions")
     vm.start()  # the domain boots from the shortened chain
     vm.write_pattern("vda", 20 * MiB, 65536, 0x55)
     run_vmrepl("snapshot", vm.name, "--name", "s5", state_dir=src_state)
-    (sent,) = run_vmrepl("replicate", vm.name, "--json", *ssh_args(second_host, dst_state), state_dir=src_state).json()
+    (sent,) = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state).json()
     assert sent["bytes_sent"] < 64 * 1024  # one compressible cluster: a delta on s4
-    run_vmrepl("verify", vm.name, *ssh_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     bad = run_vmrepl("prune", vm.name, "--keep", "yearly=1", state_dir=src_state, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("vmrepl: invalid retention rule 'yearly=1'")

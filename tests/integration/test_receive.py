@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-from tests.integration.test_replicate import assert_destination_matches, listing, replicate, replicate_args
+from tests.integration.test_replicate import assert_destination_matches, listing, replicate
 from vmrepl.sink.chain import backing_of
 
 MiB = 1 << 20
@@ -50,7 +50,7 @@ def test_late_snapshot_is_grafted_in(make_vm, second_host, src_state, dst_state,
     assert [s["id"] for s in listing(run_vmrepl, dst_state, vm)] == [s1, s2, s3]
     assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
     assert_linear(run_vmrepl, dst_state, vm)
-    run_vmrepl("verify", vm.name, *replicate_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
 
 
 def test_latest_first_then_backfill(make_vm, second_host, src_state, dst_state, run_vmrepl):
@@ -62,7 +62,7 @@ def test_latest_first_then_backfill(make_vm, second_host, src_state, dst_state, 
     assert [s["id"] for s in listing(run_vmrepl, dst_state, vm)] == ids
     assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
     assert_linear(run_vmrepl, dst_state, vm)
-    run_vmrepl("verify", vm.name, *replicate_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
 
 
 def test_a_silent_sender_does_not_hold_the_receiver_forever(dst_state):

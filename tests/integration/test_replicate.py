@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from testbed import VMREPL
 from vmrepl.qemu import img
 
 MiB = 1 << 20
 
 
-def replicate_args(host, dst_state: Path) -> list[str]:
-    return ["--to", host.destination, "--identity", str(host.identity), "--known-hosts", str(host.known_hosts),
-            "--remote-command", f"{VMREPL} receive --state-dir {dst_state}"]
-
-
 def replicate(run_vmrepl, host, src_state: Path, dst_state: Path, vm, *extra: str) -> list[dict]:
-    out = run_vmrepl("replicate", vm.name, "--json", *replicate_args(host, dst_state), *extra, state_dir=src_state)
+    out = run_vmrepl("replicate", vm.name, "--json", *host.vmrepl_args(dst_state), *extra, state_dir=src_state)
     return json.loads(out.stdout)
 
 
@@ -69,7 +63,7 @@ def test_five_rounds_on_a_running_two_disk_vm(make_vm, second_host, src_state, d
         assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
     assert [s["id"] for s in listing(run_vmrepl, dst_state, vm)] == sent_ids
     assert replicate(run_vmrepl, second_host, src_state, dst_state, vm) == []  # nothing left: a no-op
-    run_vmrepl("verify", vm.name, *replicate_args(second_host, dst_state), state_dir=src_state)
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     status = json.loads(run_vmrepl("status", "--json", state_dir=src_state).stdout)
     (target,) = status["vms"][0]["targets"]
     assert target["anchor"] == sent_ids[-1] and target["last_result"] == "ok"
@@ -106,7 +100,7 @@ def test_shut_off_vm_and_dry_run(make_vm, second_host, src_state, dst_state, run
     vm.write_pattern("vdb", 0, 65536, 0x43)
     second = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
     plan = json.loads(run_vmrepl("replicate", vm.name, "--json", "--dry-run",
-                                 *replicate_args(second_host, dst_state), state_dir=src_state).stdout)
+                                 *second_host.vmrepl_args(dst_state), state_dir=src_state).stdout)
     assert [(p["id"], p["base"], p["position"]) for p in plan] == \
         [(first["id"], None, "append"), (second["id"], first["id"], "append")]
     assert run_vmrepl("list", vm.name, state_dir=dst_state, check=False).returncode == 1  # a dry run sends nothing
@@ -125,7 +119,7 @@ def test_verify_names_the_snapshot_and_disk_that_differ(make_vm, second_host, sr
     replicate(run_vmrepl, second_host, src_state, dst_state, vm)
     layer = next(d["image"] for d in listing(run_vmrepl, dst_state, vm)[0]["disks"] if d["target"] == "vdb")
     os.system(f"qemu-io -f qcow2 -c 'write -P 0x12 {MiB} 4096' {layer} >/dev/null")  # rot on the destination
-    result = run_vmrepl("verify", vm.name, *replicate_args(second_host, dst_state), state_dir=src_state, check=False)
+    result = run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state, check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"vmrepl: 1 disk(s) differ on {second_host.destination}: {snap['name']} disk vdb;"
                                      " replicate those snapshots again, or investigate the destination's storage")
