@@ -64,7 +64,16 @@ def vm_lock(state_dir: Path, vm_uuid: str, *, wait_seconds: float = 0.0) -> Iter
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or create inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Make a file written by another process (qemu-img, QEMU) durable."""
+    _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: str | os.PathLike[str], flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

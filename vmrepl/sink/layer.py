@@ -24,7 +24,7 @@ from ..errors import NoSpaceError, SinkError, VmreplError
 from ..extents import MAX_PIECE
 from ..qemu import img
 from ..qemu.storage_daemon import ALLOCATION, StorageDaemon
-from ..state import fsync_dir
+from ..state import fsync_dir, fsync_file
 
 T = TypeVar("T")
 
@@ -137,11 +137,7 @@ class LayerWriter:
         """Flush, close, fsync and rename the layer to its final name; returns that name."""
         self.flush()
         self._close()
-        fd = os.open(self.partial_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(self.partial_path)
         if self.final_path.exists():
             raise SinkError(f"layer {self.final_path} appeared while writing it", hint="another receiver is running")
         os.rename(self.partial_path, self.final_path)

@@ -25,6 +25,7 @@ from ..errors import SourceError, UsageError
 from ..hooks import run_hooks
 from ..names import safe_name
 from ..qemu import img
+from ..state import fsync_file
 from . import domain
 from .domain import BITMAP, Disk
 
@@ -58,8 +59,8 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
                 img.add_bitmap(path, BITMAP)
         layers = []
         for d in disks:
-            _fsync_file(d.image)
-            _fsync_file(overlays[d.target])
+            fsync_file(d.image)
+            fsync_file(overlays[d.target])
             layers.append(Layer(target=d.target, image=d.image, virtual_size=img.info(d.image)["virtual-size"],
                                 tracking=tracking[d.target]))
         snap = Snapshot(id=snapshot_id, vm_uuid=vm_uuid, vm_name=vm_name, name=name,
@@ -151,10 +152,3 @@ def _create(dom: libvirt.virDomain, disks: list[Disk], overlays: dict[str, str],
                                    "or snapshot without --quiesce") from err
         raise SourceError(f"libvirt could not snapshot {dom.name()}: {message}") from err
 
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
