@@ -20,14 +20,15 @@ from tqdm import tqdm
 
 from . import plan as planner
 from .catalog import Catalog, Snapshot
-from .errors import ChangeTrackingError, TransportError, VmreplError
-from .extents import Extent, split, total_length
+from .errors import ChangeTrackingError, ProtocolError, TransportError, VmreplError
+from .extents import Extent, split, total_length, union
 from .qemu.storage_daemon import Export, StorageDaemon, pread
 from .source.changes import DiskChanges, disk_changes, full_disk_changes
 from .transport import Connection, connect
-from .wire import (DiskInfo, EncodedData, End, Error, FrameReader, FrameWriter, Hello, Ok, ReceiverHello,
-                   SnapshotHeader, VerifyReply, VerifyRequest, encode_data)
+from .wire import (BlockDigestReply, BlockDigestRequest, DiskInfo, EncodedData, End, Error, FrameReader, FrameWriter,
+                   Hello, Ok, ReceiverHello, SnapshotHeader, VerifyReply, VerifyRequest, block_digest, encode_data)
 
+COMPARE_BLOCK = 1 << 20  # block size of the digest comparison when change tracking cannot help
 FRAMES_IN_FLIGHT = 8   # 8 x 4 MiB read-ahead: enough to keep the link busy, bounded whatever the disk size
 WORKERS = 2
 
@@ -147,12 +148,12 @@ class Session:
         assert snap is not None
         partial = self.held.partial
         resume = dict(partial.disks) if partial and partial.snapshot == snap.id and partial.base == step.base else {}
+        sent_before = self.writer.bytes_written  # a block-digest exchange below counts too
         changes = [self._changes(daemon, base, snap, d.target) for d in snap.disks]
         header = SnapshotHeader(id=snap.id, name=snap.name, parent=snap.parent, base=step.base,
                                 created_ns=snap.created_ns, generation=snap.generation, definition=snap.definition,
                                 disks=tuple(DiskInfo(c.target, c.virtual_size, 65536) for c in changes),
                                 resume={t: o for t, o in resume.items() if o > 0})
-        sent_before = self.writer.bytes_written
         todo = sum(total_length(_after(c.extents, header.resume.get(c.target, 0)), zero=False) for c in changes)
         with tqdm(total=todo, unit="B", unit_scale=True, desc=snap.name, disable=not sys.stderr.isatty(),
                   leave=False) as bar:
@@ -171,7 +172,29 @@ class Session:
         try:
             return disk_changes(self.catalog, daemon, base, snap, target)
         except ChangeTrackingError as err:
-            return full_disk_changes(daemon, snap, target, reason=str(err))
+            full = full_disk_changes(daemon, snap, target, reason=str(err))
+            return self._differing_blocks(daemon, base, full) if base else full
+
+    def _differing_blocks(self, daemon: StorageDaemon, base: Snapshot, full: DiskChanges) -> DiskChanges:
+        """Tracking cannot say what changed since `base` (invariant 7): compare digests of the blocks that
+        hold data with what the destination reads for `base`, and keep only the blocks that differ."""
+        bs = COMPARE_BLOCK
+        data = [e for e in full.extents if not e.zero]
+        blocks = sorted({i for e in data for i in range(e.offset // bs, (e.end - 1) // bs + 1)})
+        request = BlockDigestRequest(base.id, full.target, bs, tuple(blocks))
+        self._guard(lambda: self.writer.write(request))
+        theirs = self._guard(lambda: self.reader.expect(BlockDigestReply)).digests
+        if len(theirs) != len(blocks):
+            raise ProtocolError(f"the destination sent {len(theirs)} block digests for {len(blocks)} blocks")
+        with daemon.reader(full.image) as export:
+            differing = {i for i, digest in zip(blocks, theirs) if digest is None or digest != block_digest(
+                pread(export.nbd, i * bs, min(bs, full.virtual_size - i * bs)))}
+        kept = [piece for piece in _by_block(data, bs) if piece.offset // bs in differing]
+        note = f"compared {len(blocks)} blocks of {full.target} with the destination's {base.name}: " \
+               f"sending the {len(differing)} that differ"
+        return DiskChanges(target=full.target, image=full.image, virtual_size=full.virtual_size,
+                           base_image=None, extents=union(kept, [e for e in full.extents if e.zero]),
+                           fallbacks=[*full.fallbacks, note])
 
     def _stream_disk(self, daemon: StorageDaemon, pool: ThreadPoolExecutor, changes: DiskChanges, start: int,
                      bar: tqdm) -> None:
@@ -211,6 +234,16 @@ class Session:
 
 def _read_encoded(export: Export, piece: Extent) -> EncodedData:
     return encode_data(piece.offset, pread(export.nbd, piece.offset, piece.length))
+
+
+def _by_block(extents: list[Extent], block: int) -> Iterator[Extent]:
+    """The extents cut at every multiple of `block`, so that each piece lies in one block."""
+    for e in extents:
+        pos = e.offset
+        while pos < e.end:
+            end = min(e.end, (pos // block + 1) * block)
+            yield Extent(pos, end - pos, e.zero)
+            pos = end
 
 
 def _after(extents: list[Extent], start: int) -> Iterator[Extent]:

@@ -40,6 +40,7 @@ MAX_ERROR = 1000                    # characters in an ERROR line
 MAX_TEXT = 256                      # characters of a VM name
 MAX_VIRTUAL_SIZE = 1 << 60
 MAX_DIGEST_HEX = 128
+MAX_BLOCKS = 1 << 18                 # blocks in one block-digest exchange (256 GiB at 1 MiB)
 
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -63,6 +64,8 @@ T_OK = ord("K")
 T_ERROR = ord("E")
 T_VERIFY = ord("V")
 T_VERIFY_REPLY = ord("v")
+T_BLOCKS = ord("B")
+T_BLOCKS_REPLY = ord("b")
 T_END = ord("Q")
 
 _JSON_HEAD = struct.Struct(">BI")          # type, body length; then body, then xxh3_64 of both
@@ -202,12 +205,33 @@ class VerifyReply:
 
 
 @dataclass(frozen=True)
+class BlockDigestRequest:
+    """Sender -> receiver, between transfers: digests of these blocks of a held snapshot's disk, for a
+    sender that cannot tell from its change tracking what changed since that snapshot."""
+    snapshot: str
+    disk: str
+    block_size: int
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BlockDigestReply:
+    """One digest per requested block (block_digest of its content), None where the receiver has none."""
+    digests: tuple[str | None, ...]
+
+
+def block_digest(data: bytes | bytearray | memoryview) -> str:
+    """What BLOCKS_REPLY carries per block: the xxh3_128 of the block's bytes, as hex."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+@dataclass(frozen=True)
 class End:
     """Sender -> receiver: clean end of the session."""
 
 
 Message = (Hello | ReceiverHello | SnapshotHeader | Data | Zero | DiskEnd | Trailer | Ok | Error
-           | VerifyRequest | VerifyReply | End)
+           | VerifyRequest | VerifyReply | BlockDigestRequest | BlockDigestReply | End)
 M = TypeVar("M")
 
 
@@ -387,6 +411,23 @@ def _parse_verify_reply(f: _Fields) -> VerifyReply:
     return VerifyReply(digests=digests)
 
 
+def _parse_blocks(f: _Fields) -> BlockDigestRequest:
+    snapshot, disk = f.name("snapshot"), f.name("disk")
+    block_size = f.integer("block_size", MAX_DATA)
+    if block_size < 65536 or block_size & (block_size - 1):
+        raise _fail(f"BLOCKS block_size {block_size} is not a power of 2 from 64 KiB to 4 MiB")
+    blocks = tuple(f.items("blocks", MAX_BLOCKS))
+    if any(type(b) is not int or not 0 <= b <= MAX_VIRTUAL_SIZE // block_size for b in blocks):
+        raise _fail("BLOCKS blocks is not a list of block numbers within a disk")
+    return BlockDigestRequest(snapshot=snapshot, disk=disk, block_size=block_size, blocks=blocks)
+
+
+def _parse_blocks_reply(f: _Fields) -> BlockDigestReply:
+    digests = tuple(None if d is None else _hex("BLOCKS_REPLY", "digests", d)
+                    for d in f.items("digests", MAX_BLOCKS))
+    return BlockDigestReply(digests=digests)
+
+
 def _parse_error(f: _Fields) -> Error:
     message = f.string("message", MAX_ERROR)
     kind = f.string("kind", 64)
@@ -426,6 +467,11 @@ def _encode_body(message: Message) -> dict:
             return {"snapshots": list(message.snapshots)}
         case VerifyReply():
             return {"digests": message.digests}
+        case BlockDigestRequest():
+            return {"snapshot": message.snapshot, "disk": message.disk, "block_size": message.block_size,
+                    "blocks": list(message.blocks)}
+        case BlockDigestReply():
+            return {"digests": list(message.digests)}
         case End():
             return {}
     raise TypeError(f"{type(message).__name__} is not a control message; use the writer's stream methods")
@@ -440,6 +486,8 @@ _CONTROL: dict[int, tuple[str, type, int, Any]] = {
     T_ERROR: ("ERROR", Error, 16 << 10, _parse_error),
     T_VERIFY: ("VERIFY", VerifyRequest, 2 << 20, _parse_verify),
     T_VERIFY_REPLY: ("VERIFY_REPLY", VerifyReply, 32 << 20, _parse_verify_reply),
+    T_BLOCKS: ("BLOCKS", BlockDigestRequest, 4 << 20, _parse_blocks),
+    T_BLOCKS_REPLY: ("BLOCKS_REPLY", BlockDigestReply, 12 << 20, _parse_blocks_reply),
     T_END: ("END", End, 16, _parse_end),
 }
 _TYPE_OF = {cls: t for t, (_, cls, _, _) in _CONTROL.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,24 @@ def test_bad_destination_is_a_usage_error(make_vm, src_state, run_vmrepl, bad):
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
     result = run_vmrepl("replicate", vm.name, "--to", bad, state_dir=src_state, check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_chain_rewritten_behind_vmrepls_back_costs_only_the_differing_blocks(
+        make_vm, second_host, src_state, dst_state, run_vmrepl):
+    """Invariant 7: when the base's layer is no longer below the snapshot (here the chain was flattened by
+    hand, `qemu-img rebase -b ""`), vmrepl compares block digests with the destination and sends only the
+    blocks that differ."""
+    vm = make_vm({"vda": 64 * MiB})
+    vm.write_random("vda", 0, 8 * MiB)
+    run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    replicate(run_vmrepl, second_host, src_state, dst_state, vm)
+    vm.write_random("vda", 32 * MiB, MiB)
+    vm.shutoff()
+    subprocess.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(vm.current_image("vda"))], check=True)
+    run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    result = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state)
+    assert "is no longer below" in result.stderr and "sending the 1 that differ" in result.stderr, result.stderr
+    (sent,) = json.loads(result.stdout)
+    assert sent["bytes_sent"] <= 1.02 * MiB + 64 * 1024, sent  # not the 9 MiB the disk holds
+    assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)

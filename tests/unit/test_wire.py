@@ -319,3 +319,20 @@ def test_round_trip_property(disks: list, name: str) -> None:
     received = [m if isinstance(m, Zero) else (m.disk, m.offset, bytes(m.data))
                 for m in got if isinstance(m, (Data, Zero))]
     assert received == sent
+
+
+def test_block_digest_exchange_round_trips_and_is_strict() -> None:
+    out = io.BytesIO()
+    w = wire.FrameWriter(out)
+    w.write(wire.Hello("0b6c3a37-5f0e-4f57-9c52-33c3a2b3d6a1", "vm"))
+    request = wire.BlockDigestRequest("s1", "vda", 1 << 20, (0, 3, 9))
+    reply = wire.BlockDigestReply((wire.block_digest(b"abc"), None, wire.block_digest(bytes(10))))
+    w.write(request)
+    w.write(reply)
+    r = wire.FrameReader(io.BytesIO(out.getvalue()))
+    r.read()
+    assert r.read() == request and r.read() == reply
+    for bad in (wire.BlockDigestRequest("s1", "vda", 3 << 20, (0,)), wire.BlockDigestRequest("../x", "vda", 1 << 20, ()),
+                wire.BlockDigestRequest("s1", "vda", 1 << 20, (-1,))):
+        with pytest.raises(errors.ProtocolError):
+            wire.FrameWriter(io.BytesIO()).write(bad)  # the writer refuses what the reader would refuse

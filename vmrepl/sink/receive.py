@@ -23,10 +23,11 @@ from ..catalog import Catalog, Layer, Snapshot
 from ..digest import image_digest
 from ..errors import ProtocolError, SinkError, TransportError, VmreplError
 from ..qemu import img
-from ..qemu.storage_daemon import StorageDaemon
+from ..qemu.storage_daemon import StorageDaemon, pread
 from ..state import vm_lock
-from ..wire import (Data, DiskEnd, End, Error, FrameReader, FrameWriter, HeldSnapshot, Hello, Ok, Partial,
-                    ReceiverHello, SnapshotHeader, Trailer, VerifyReply, VerifyRequest, Zero)
+from ..wire import (BlockDigestReply, BlockDigestRequest, Data, DiskEnd, End, Error, FrameReader, FrameWriter,
+                    HeldSnapshot, Hello, Ok, Partial, ReceiverHello, SnapshotHeader, Trailer, VerifyReply,
+                    VerifyRequest, Zero, block_digest)
 from . import chain
 from .layer import LayerWriter, partial_path
 from .store import Progress, Store
@@ -89,6 +90,8 @@ class _Session:
                 self.writer.write(Ok(message.id))
             elif isinstance(message, VerifyRequest):
                 self.writer.write(VerifyReply({sid: self._digests(sid) for sid in message.snapshots}))
+            elif isinstance(message, BlockDigestRequest):
+                self.writer.write(BlockDigestReply(self._block_digests(message)))
             elif isinstance(message, End):
                 return
             elif isinstance(message, Error):
@@ -200,6 +203,18 @@ class _Session:
         frame = self.reader.read()
         if not isinstance(frame, DiskEnd):
             raise ProtocolError(f"stream corrupt: data sent for disk {target}, which arrived complete before")
+
+    def _block_digests(self, request: BlockDigestRequest) -> tuple[str | None, ...]:
+        """Digests of blocks of a held snapshot's disk, read through its chain; None past its end or when
+        it is not held here (the sender then sends those blocks)."""
+        snap = self.store.catalog.find_snapshot(request.snapshot)
+        layer = next((d for d in snap.disks if d.target == request.disk), None) if snap and snap.held else None
+        if layer is None:
+            return (None,) * len(request.blocks)
+        size, bs = layer.virtual_size, request.block_size
+        with self.daemon.reader(layer.image) as export:
+            return tuple(block_digest(pread(export.nbd, i * bs, min(bs, size - i * bs))) if i * bs < size else None
+                         for i in request.blocks)
 
     def _digests(self, snapshot_id: str) -> dict[str, str] | None:
         snap = self.store.catalog.find_snapshot(snapshot_id)

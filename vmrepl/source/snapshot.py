@@ -45,7 +45,7 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     disks = domain.disks(dom)
     snapshot_id = str(uuidlib.uuid4())
     overlays = {d.target: _overlay_path(d, vm_name, name) for d in disks}
-    parent = _parent(catalog, disks)
+    parent = _parent(catalog, disks, vm_uuid)
     hook_env = {"VMREPL_VM": vm_name, "VMREPL_VM_UUID": vm_uuid, "VMREPL_SNAPSHOT": snapshot_id,
                 "VMREPL_SNAPSHOT_NAME": name}
 
@@ -74,14 +74,19 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     return snap
 
 
-def _parent(catalog: Catalog, disks: list[Disk]) -> Snapshot | None:
+def _parent(catalog: Catalog, disks: list[Disk], vm_uuid: str) -> Snapshot | None:
     """The snapshot the active layers grow from: the catalogued one whose image backs them.
 
     Normally that is the VM's newest snapshot; for a clone or a recovered domain it is the snapshot
-    its overlays were created on, maybe of another VM. The disk chain is the truth, not the order of
-    the catalog."""
+    its overlays were created on, maybe of another VM. When the chain names no catalogued snapshot
+    (it was rewritten outside vmrepl), the VM's newest snapshot still is the parent: the deltas from it
+    then come from comparing block digests (invariant 7)."""
     backing = img.info(disks[0].image).get("full-backing-filename")
-    return catalog.snapshot_by_image(os.path.normpath(backing)) if backing else None
+    found = catalog.snapshot_by_image(os.path.normpath(backing)) if backing else None
+    if found is None:
+        own = catalog.snapshots(vm_uuid)
+        found = own[-1] if own else None
+    return found
 
 
 def _overlay_path(disk: Disk, vm_name: str, snapshot_name: str) -> str:
