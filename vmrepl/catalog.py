@@ -220,12 +220,6 @@ class Catalog:
         row = self.db.execute("SELECT MAX(generation) FROM snapshots WHERE vm_uuid = ?", (vm_uuid,)).fetchone()
         return (row[0] or 0) + 1
 
-    def delete_snapshot(self, snapshot_id: str) -> None:
-        with self.transaction():
-            self.db.execute("UPDATE snapshots SET parent = (SELECT parent FROM snapshots WHERE id = ?)"
-                            " WHERE parent = ?", (snapshot_id, snapshot_id))
-            self.db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
-
     def merge_down(self, gone: Snapshot, younger: Snapshot, merged: dict[str, str], below: dict[str, str]) -> None:
         """Record a prune: `younger`'s layers are now the `merged` images (their own clusters say what
         changed, not their bitmaps), and `gone` becomes a ghost standing on the `below` images ('' where

@@ -25,8 +25,9 @@ from .extents import Extent, split, total_length, union
 from .qemu.storage_daemon import Export, StorageDaemon, pread
 from .source.changes import DiskChanges, disk_changes, full_disk_changes
 from .transport import Connection, connect
-from .wire import (BlockDigestReply, BlockDigestRequest, DiskInfo, EncodedData, End, Error, FrameReader, FrameWriter,
-                   Hello, Ok, ReceiverHello, SnapshotHeader, VerifyReply, VerifyRequest, block_digest, encode_data)
+from .wire import (MAX_BLOCKS, BlockDigestReply, BlockDigestRequest, DiskInfo, EncodedData, End, Error, FrameReader,
+                   FrameWriter, Hello, Ok, ReceiverHello, SnapshotHeader, VerifyReply, VerifyRequest, block_digest,
+                   encode_data)
 
 COMPARE_BLOCK = 1 << 20  # block size of the digest comparison when change tracking cannot help
 FRAMES_IN_FLIGHT = 8   # 8 x 4 MiB read-ahead: enough to keep the link busy, bounded whatever the disk size
@@ -181,11 +182,14 @@ class Session:
         bs = COMPARE_BLOCK
         data = [e for e in full.extents if not e.zero]
         blocks = sorted({i for e in data for i in range(e.offset // bs, (e.end - 1) // bs + 1)})
-        request = BlockDigestRequest(base.id, full.target, bs, tuple(blocks))
-        self._guard(lambda: self.writer.write(request))
-        theirs = self._guard(lambda: self.reader.expect(BlockDigestReply)).digests
-        if len(theirs) != len(blocks):
-            raise ProtocolError(f"the destination sent {len(theirs)} block digests for {len(blocks)} blocks")
+        theirs: list[str | None] = []
+        for at in range(0, len(blocks), MAX_BLOCKS):  # one exchange per frame-sized batch
+            batch = tuple(blocks[at:at + MAX_BLOCKS])
+            self._guard(lambda: self.writer.write(BlockDigestRequest(base.id, full.target, bs, batch)))
+            reply = self._guard(lambda: self.reader.expect(BlockDigestReply)).digests
+            if len(reply) != len(batch):
+                raise ProtocolError(f"the destination sent {len(reply)} block digests for {len(batch)} blocks")
+            theirs += reply
         with daemon.reader(full.image) as export:
             differing = {i for i, digest in zip(blocks, theirs) if digest is None or digest != block_digest(
                 pread(export.nbd, i * bs, min(bs, full.virtual_size - i * bs)))}

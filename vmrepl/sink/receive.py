@@ -119,7 +119,7 @@ class _Session:
             self._discard(header)  # a second copy (e.g. two senders raced): a no-op, still checked
             return
         base = catalog.find_snapshot(header.base) if header.base else None
-        if header.base and base is None:
+        if header.base and (base is None or not base.held):  # a ghost has no layer of its own to stand on
             raise SinkError(f"base snapshot {header.base} of {header.name} is not held here",
                             hint="replicate again: the sender will choose another base")
         progress = self.store.partial(self.vm_uuid)

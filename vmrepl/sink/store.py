@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalog import Catalog, Layer, Snapshot
+from ..catalog import Catalog, Snapshot
 from ..errors import ProtocolError, VmreplError
 from ..names import safe_name
 from ..state import fsync_dir, write_file_durably
@@ -131,6 +131,3 @@ class Store:
         if path.exists():
             path.unlink()
             fsync_dir(path.parent)
-
-    def layers_of(self, snap: Snapshot) -> dict[str, Layer]:
-        return {layer.target: layer for layer in snap.disks}
