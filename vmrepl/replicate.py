@@ -1,13 +1,14 @@
 """The sender's side of a session: plan against what the destination holds, then stream each snapshot.
 
 For each planned step the changed extents of every disk come from the dirty bitmaps (source/changes.py);
-a small thread pool reads them over NBD and compresses them (zstd and libnbd release the GIL) while the
-main thread writes the finished frames in order, so reading, compressing and sending overlap and memory
-stays bounded by the frames in flight.
+the main thread queues NBD reads of them, a small thread pool checksums and compresses what arrived (zstd
+releases the GIL), and the main thread writes the finished frames in order, so reading, compressing and
+sending overlap and memory stays bounded by the reads and frames in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import deque
@@ -16,13 +17,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbd
 from tqdm import tqdm
 
 from . import plan as planner
 from .catalog import Catalog, Snapshot
-from .errors import ChangeTrackingError, ProtocolError, TransportError, VmreplError
+from .errors import ChangeTrackingError, ProtocolError, SourceError, TransportError, VmreplError
 from .extents import Extent, split, total_length, union
-from .qemu.storage_daemon import Export, StorageDaemon, pread
+from .qemu.storage_daemon import StorageDaemon, pread
 from .source.changes import DiskChanges, disk_changes, full_disk_changes
 from .transport import Connection, connect
 from .wire import (MAX_BLOCKS, BlockDigestReply, BlockDigestRequest, DiskInfo, EncodedData, End, Error, FrameReader,
@@ -30,7 +32,8 @@ from .wire import (MAX_BLOCKS, BlockDigestReply, BlockDigestRequest, DiskInfo, E
                    encode_data)
 
 COMPARE_BLOCK = 1 << 20  # block size of the digest comparison when change tracking cannot help
-FRAMES_IN_FLIGHT = 8   # 8 x 4 MiB read-ahead: enough to keep the link busy, bounded whatever the disk size
+READS_IN_FLIGHT = 8    # NBD reads queued ...
+FRAMES_IN_FLIGHT = 8   # ... and frames encoding: 16 x 4 MiB at most, however large the disk
 WORKERS = 2
 
 
@@ -202,30 +205,52 @@ class Session:
 
     def _stream_disk(self, daemon: StorageDaemon, pool: ThreadPoolExecutor, changes: DiskChanges, start: int,
                      bar: tqdm) -> None:
-        in_flight: deque[Future[EncodedData]] = deque()
+        # Two stages, each bounded: extents being read (NBD reads queued on one connection, which
+        # the daemon serves far cheaper than one at a time), then frames being encoded by the pool.
+        reads: deque[tuple[Extent, bytearray, int]] = deque()
+        encodes: deque[Future[EncodedData]] = deque()
 
-        def drain(keep: int) -> None:
-            while len(in_flight) > keep:
-                frame = in_flight.popleft().result()
+        def write(keep: int) -> None:
+            while len(encodes) > keep:
+                frame = encodes.popleft().result()
                 self.writer.write_encoded(frame)
                 bar.update(frame.length)
 
+        def encode(keep: int) -> None:
+            while len(reads) > keep:
+                piece, buf, cookie = reads.popleft()
+                while not h.aio_command_completed(cookie):
+                    h.poll(-1)
+                encodes.append(pool.submit(encode_data, piece.offset, buf))
+                write(FRAMES_IN_FLIGHT)
+
         with daemon.reader(changes.image) as export:
+            h = export.nbd
             try:
                 for piece in split(_after(changes.extents, start)):
                     if piece.zero:
-                        drain(0)  # frames go out in offset order
+                        encode(0)  # frames go out in offset order
+                        write(0)
                         self.writer.zero(piece.offset, piece.length)
                     else:
-                        in_flight.append(pool.submit(_read_encoded, export, piece))
-                        drain(FRAMES_IN_FLIGHT)
-                drain(0)
+                        buf = bytearray(piece.length)
+                        reads.append((piece, buf, h.aio_pread(nbd.Buffer.from_buffer(buf), piece.offset)))
+                        encode(READS_IN_FLIGHT)
+                encode(0)
+                write(0)
+            except nbd.Error as err:
+                raise SourceError(f"reading {changes.image} failed: {err.string}",
+                                  hint="see qemu-storage-daemon's message") from None
             finally:
-                for future in in_flight:
+                for future in encodes:
                     future.cancel()
-                for future in in_flight:
+                for future in encodes:
                     if not future.cancelled():
-                        future.exception()  # let running reads finish before the export goes
+                        future.exception()
+                for _, _, cookie in reads:  # the export goes next: let queued reads land first
+                    with contextlib.suppress(nbd.Error):
+                        while not h.aio_command_completed(cookie):
+                            h.poll(-1)
         self.writer.end_disk()
 
     # --- verify --------------------------------------------------------------------------------
@@ -234,10 +259,6 @@ class Session:
         self._guard(lambda: self.writer.write(VerifyRequest(tuple(snapshot_ids))))
         reply: VerifyReply = self._guard(lambda: self.reader.expect(VerifyReply))
         return reply.digests
-
-
-def _read_encoded(export: Export, piece: Extent) -> EncodedData:
-    return encode_data(piece.offset, pread(export.nbd, piece.offset, piece.length))
 
 
 def _by_block(extents: list[Extent], block: int) -> Iterator[Extent]:

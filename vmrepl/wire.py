@@ -48,9 +48,11 @@ CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
 ZSTD_LEVEL = 1
 # zstd is kept only when it saves at least this fraction; otherwise the frame goes raw.
 MIN_SAVING = 0.10
-# Below this size a payload is written into the frame buffer; above it, straight to the stream.
-_COPY_LIMIT = 64 << 10
-_BUFFER = 256 << 10
+# Below this size a payload is copied into the frame buffer; above it, straight to the stream. Each
+# write to the ssh channel costs a Python round through paramiko per packet, so small frames (a 64 KiB
+# extent, its head) are gathered into writes of about _BUFFER; copying them is far cheaper.
+_COPY_LIMIT = 1 << 20
+_BUFFER = 1 << 20
 
 # Frame types, one ASCII letter each so a hex dump reads.
 T_HELLO = ord("H")
@@ -614,7 +616,7 @@ class FrameWriter:
 
     def _put(self, data: bytes | memoryview) -> None:
         self.bytes_written += len(data)
-        if len(data) >= _COPY_LIMIT:
+        if len(data) > _COPY_LIMIT:
             self._drain()
             self.stream.write(data)
         else:

@@ -4,7 +4,9 @@ The layer is written into a hidden `.NAME.partial` beside its final name, throug
 of qemu-storage-daemon, then flushed, closed, fsynced and renamed: the final name only ever holds a
 complete layer. Measured for 1 GiB in 4 MiB writes, to durable: ~1.6-1.75 GB/s with the node on O_DIRECT
 + io_uring and 4 writes in flight, against ~0.4-0.9 GB/s buffered (sync or pipelined), ~0.5 GB/s
-through qemu-nbd, and ~0.6-1.1 GB/s for a plain Python write+fsync of a raw file. A failure removes the partial,
+through qemu-nbd, and ~0.6-1.1 GB/s for a plain Python write+fsync of a raw file; so a `sequential`
+writer (a whole disk) bypasses the page cache. For 84 MB in scattered 64 KiB writes (a delta), buffered
+io_uring costs the daemon a third less CPU and finishes in 0.12 s against 0.19 s. A failure removes the partial,
 or keeps it (`keep_partial`) so that `LayerWriter.resume` can go on writing into it later.
 """
 
@@ -42,13 +44,14 @@ class LayerWriter:
     """`with LayerWriter(...) as w: w.write(...); ...; w.commit()`; leaving without commit() aborts."""
 
     def __init__(self, final_path: Path, *, backing: Path | None, virtual_size: int, daemon: StorageDaemon,
-                 keep_partial: bool = False, backing_node: str | None = None) -> None:
+                 keep_partial: bool = False, backing_node: str | None = None, sequential: bool = False) -> None:
         self.final_path = Path(final_path)
         self.partial_path = partial_path(self.final_path)
         self.backing = backing
         self.virtual_size = virtual_size
         self.keep_partial = keep_partial
         self.backing_node = backing_node  # `backing`, already open in the daemon (StorageDaemon.add_image)
+        self.sequential = sequential  # mostly long runs of large writes: bypass the page cache
         self._daemon = daemon
         self._resume = False
         self._node: str | None = None
@@ -85,7 +88,8 @@ class LayerWriter:
                 self.partial_path.unlink(missing_ok=True)  # a stale partial nobody asked to resume
                 backing = None if self.backing is None else os.path.relpath(self.backing, self.final_path.parent)
                 img.create(self.partial_path, size=self.virtual_size, backing=backing)
-            self._node = self._daemon.add_image(self.partial_path, writable=True, backing_node=self.backing_node)
+            self._node = self._daemon.add_image(self.partial_path, writable=True, direct=self.sequential,
+                                                backing_node=self.backing_node)
             self._export = self._daemon.export(self._node, writable=True)
             self._h = self._daemon.connect(self._export, meta_contexts=[ALLOCATION])
         except BaseException:
@@ -98,12 +102,11 @@ class LayerWriter:
             self.abort()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Store `data` at `offset` (the call returns once it is queued; `flush` waits for all writes)."""
+        """Store `data` at `offset`. The call returns once the write is queued, so the caller must not
+        change `data` until `flush` (which waits for all writes); it is not copied."""
         h = self._handle()
         self._check_range(offset, len(data))
-        # Writes are queued, so they must not see later changes of the caller's buffer: share only
-        # immutable bytes, copy anything else.
-        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        view = memoryview(data)
         for pos in range(0, len(view), MAX_PIECE):
             while len(self._pending) >= _IN_FLIGHT:
                 self._complete_oldest()

@@ -16,6 +16,7 @@ import io
 import os
 import select
 import time
+from collections import deque
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +35,8 @@ from .store import Progress, Store
 
 PROGRESS_BYTES = 256 << 20   # a resume point (flush + progress file) every this many bytes received
 PROGRESS_SECONDS = 10.0      # ... or this often, whichever comes first
+READ_AHEAD_FRAMES = 16      # DATA frames whose base is read ahead ...
+READ_AHEAD_BYTES = 16 << 20  # ... while they hold at most this much
 IDLE_SECONDS = float(os.environ.get("VMREPL_RECEIVE_IDLE_SECONDS", 900))  # silence that ends a session
 
 
@@ -149,7 +152,7 @@ class _Session:
                     writer = stack.enter_context(
                         LayerWriter.resume(final, daemon=self.daemon, backing_node=node) if resume else
                         LayerWriter(final, backing=backing, virtual_size=disk.virtual_size, daemon=self.daemon,
-                                    keep_partial=True, backing_node=node))
+                                    keep_partial=True, backing_node=node, sequential=backing is None))
                     delta = chain.DeltaFilter(base_reader.nbd) if base_reader else None
                     self._receive_disk(header, disk.target, writer, delta, offsets)
                     writer.commit()
@@ -166,24 +169,42 @@ class _Session:
 
     def _receive_disk(self, header: SnapshotHeader, target: str, writer: LayerWriter,
                       delta: chain.DeltaFilter | None, offsets: dict[str, int]) -> None:
+        # DATA frames wait in `window` while the base under them is read ahead (DeltaFilter.below).
+        window: deque[tuple[Data, chain.Below | None]] = deque()
+        window_bytes = 0
+
+        def store(keep: int) -> None:
+            nonlocal window_bytes
+            while len(window) > keep:
+                frame, below = window.popleft()
+                window_bytes -= len(frame.data)
+                pieces = delta.changed(frame.offset, frame.data, below) if delta and below else \
+                    [(frame.offset, frame.data)]
+                for offset, piece in pieces:
+                    chain.store_piece(writer, offset, piece)
+
         unsaved, last_save = 0, time.monotonic()
         while True:
             frame = self.reader.read()
             if isinstance(frame, Data):
-                for offset, piece in delta.changed(frame.offset, frame.data) if delta else [(frame.offset, frame.data)]:
-                    chain.store_piece(writer, offset, piece)
+                window.append((frame, delta.below(frame.offset, len(frame.data)) if delta else None))
+                window_bytes += len(frame.data)
+                store(READ_AHEAD_FRAMES if window_bytes <= READ_AHEAD_BYTES else 0)
                 unsaved += len(frame.data)
                 end = frame.offset + len(frame.data)
             elif isinstance(frame, Zero):
+                store(0)
                 writer.write_zeroes(frame.offset, frame.length)
                 end = frame.offset + frame.length
             elif isinstance(frame, DiskEnd):
+                store(0)
                 return
             elif isinstance(frame, Error):
                 raise frame.exception("sender")
             else:
                 raise ProtocolError(f"stream corrupt: unexpected {type(frame).__name__} frame in disk {target}")
             if unsaved >= PROGRESS_BYTES or time.monotonic() - last_save >= PROGRESS_SECONDS:
+                store(0)
                 writer.flush()
                 offsets[target] = end
                 self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
