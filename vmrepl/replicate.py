@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import nbd
-from tqdm import tqdm
 
 from . import plan as planner
 from .catalog import Catalog, Snapshot
@@ -26,7 +28,7 @@ from .errors import ChangeTrackingError, ProtocolError, SourceError, TransportEr
 from .extents import Extent, split, total_length, union
 from .qemu.storage_daemon import StorageDaemon, pread
 from .source.changes import DiskChanges, disk_changes, full_disk_changes
-from .transport import Connection, connect
+from .transport import Connection, connect, parse_destination
 from .wire import (MAX_BLOCKS, BlockDigestReply, BlockDigestRequest, DiskInfo, EncodedData, End, Error, FrameReader,
                    FrameWriter, Hello, Ok, ReceiverHello, SnapshotHeader, VerifyReply, VerifyRequest, block_digest,
                    encode_data)
@@ -64,7 +66,11 @@ class Sent:
 
 
 class Session:
-    """One ssh session to `vmrepl receive` for one VM: hello, then transfers or verify requests."""
+    """One ssh session to `vmrepl receive` for one VM: hello, then transfers or verify requests.
+
+    Connecting and the destination's start-up take most of a small delta's time, so `__enter__` only
+    starts them, in a thread that connects and says hello; the caller meanwhile prepares (`prefetch`),
+    and the first use of `held` waits for the destination's answer."""
 
     def __init__(self, catalog: Catalog, vm_uuid: str, options: ConnectOptions) -> None:
         self.catalog = catalog
@@ -73,19 +79,39 @@ class Session:
         self.options = options
         self.conn: Connection | None = None
         self.sent_ids: set[str] = set()
+        self._opened: Future[None] = Future()
+        self._held: ReceiverHello | None = None
+        self._prefetched: dict[tuple[str, str, str], DiskChanges] = {}
 
     def __enter__(self) -> Session:
-        o = self.options
-        self.conn = connect(o.destination, identity=o.identity, known_hosts=o.known_hosts,
-                            accept_new_host_key=o.accept_new_host_key, remote_command=o.remote_command,
-                            bwlimit=o.bwlimit)
-        self.writer = FrameWriter(self.conn.writer)
-        self.reader = FrameReader(self.conn.reader, peer="destination")
-        self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name)))
-        self.held: ReceiverHello = self._guard(lambda: self.reader.expect(ReceiverHello))
+        threading.Thread(target=self._open, name="ssh-connect", daemon=True).start()
         return self
 
+    def _open(self) -> None:
+        try:
+            o = self.options
+            self.conn = connect(o.destination, identity=o.identity, known_hosts=o.known_hosts,
+                                accept_new_host_key=o.accept_new_host_key, remote_command=o.remote_command,
+                                bwlimit=o.bwlimit)
+            self.writer = FrameWriter(self.conn.writer)
+            self.reader = FrameReader(self.conn.reader, peer="destination")
+            self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name)))
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread by `held`
+            self._opened.set_exception(err)
+        else:
+            self._opened.set_result(None)
+
+    @property
+    def held(self) -> ReceiverHello:
+        """What the destination holds of the VM (its answer to the hello)."""
+        if self._held is None:
+            self._opened.result()
+            self._held = self._guard(lambda: self.reader.expect(ReceiverHello))
+        return self._held
+
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._opened.exception() is not None:
+            return  # nothing was opened; the caller saw the error (or is unwinding anyway)
         assert self.conn is not None
         try:
             if exc_type is None:
@@ -159,20 +185,35 @@ class Session:
                                 disks=tuple(DiskInfo(c.target, c.virtual_size, 65536) for c in changes),
                                 resume={t: o for t, o in resume.items() if o > 0})
         todo = sum(total_length(_after(c.extents, header.resume.get(c.target, 0)), zero=False) for c in changes)
-        with tqdm(total=todo, unit="B", unit_scale=True, desc=snap.name, disable=not sys.stderr.isatty(),
-                  leave=False) as bar:
+        with _progress_bar(todo, snap.name) as bar:
             self._guard(lambda: self.writer.write(header))
             for c in changes:
                 self._guard(lambda c=c: self._stream_disk(daemon, pool, c, header.resume.get(c.target, 0), bar))
             self._guard(self.writer.trailer)
         self._guard(lambda: self.reader.expect(Ok))
-        self.held = ReceiverHello(snapshots=self.held.snapshots, partial=None)
+        self._held = ReceiverHello(snapshots=self.held.snapshots, partial=None)
         self.sent_ids.add(snap.id)
         return Sent(id=snap.id, name=snap.name, base=step.base, bytes_changed=sum(c.bytes_changed for c in changes),
                     bytes_sent=self.writer.bytes_written - sent_before, seconds=time.monotonic() - started,
                     position=step.position, notes=tuple(n for c in changes for n in c.fallbacks))
 
+    def prefetch(self, daemon: StorageDaemon) -> None:
+        """While the destination starts: find the changed extents of the step most likely planned, the
+        newest snapshot on the anchor this destination held last time. A wrong guess costs only this."""
+        target = next((t for t in self.catalog.targets(self.vm_uuid)
+                       if t.host == str(parse_destination(self.options.destination))), None)
+        own = self.catalog.snapshots(self.vm_uuid)
+        base = self.catalog.find_snapshot(target.anchor) if target and target.anchor else None
+        if base is None or not own or own[-1].id == base.id:
+            return
+        for disk in own[-1].disks:
+            with contextlib.suppress(VmreplError):  # the step itself meets the error again, or not
+                self._prefetched[(base.id, own[-1].id, disk.target)] = disk_changes(
+                    self.catalog, daemon, base, own[-1], disk.target)
+
     def _changes(self, daemon: StorageDaemon, base: Snapshot | None, snap: Snapshot, target: str) -> DiskChanges:
+        if base and (found := self._prefetched.pop((base.id, snap.id, target), None)):
+            return found
         try:
             return disk_changes(self.catalog, daemon, base, snap, target)
         except ChangeTrackingError as err:
@@ -204,16 +245,22 @@ class Session:
                            fallbacks=[*full.fallbacks, note])
 
     def _stream_disk(self, daemon: StorageDaemon, pool: ThreadPoolExecutor, changes: DiskChanges, start: int,
-                     bar: tqdm) -> None:
+                     bar: ProgressBar) -> None:
         # Two stages, each bounded: extents being read (NBD reads queued on one connection, which
-        # the daemon serves far cheaper than one at a time), then frames being encoded by the pool.
+        # the daemon serves far cheaper than one at a time), then frames being encoded. zstd gives up
+        # on incompressible data within 10 us per 64 KiB, less than a pool task costs in handing
+        # over: after a frame that did not compress, the next is encoded here; after one that did,
+        # the pool compresses in parallel (zstd releases the GIL).
         reads: deque[tuple[Extent, bytearray, int]] = deque()
         encodes: deque[Future[EncodedData]] = deque()
+        compressing = True
 
         def write(keep: int) -> None:
+            nonlocal compressing
             while len(encodes) > keep:
                 frame = encodes.popleft().result()
                 self.writer.write_encoded(frame)
+                compressing = len(frame.payload) < frame.length
                 bar.update(frame.length)
 
         def encode(keep: int) -> None:
@@ -221,7 +268,11 @@ class Session:
                 piece, buf, cookie = reads.popleft()
                 while not h.aio_command_completed(cookie):
                     h.poll(-1)
-                encodes.append(pool.submit(encode_data, piece.offset, buf))
+                if compressing:
+                    encodes.append(pool.submit(encode_data, piece.offset, buf))
+                else:
+                    encodes.append(Future())
+                    encodes[-1].set_result(encode_data(piece.offset, buf))
                 write(FRAMES_IN_FLIGHT)
 
         with daemon.reader(changes.image) as export:
@@ -259,6 +310,23 @@ class Session:
         self._guard(lambda: self.writer.write(VerifyRequest(tuple(snapshot_ids))))
         reply: VerifyReply = self._guard(lambda: self.reader.expect(VerifyReply))
         return reply.digests
+
+
+class ProgressBar(Protocol):
+    def update(self, n: int) -> None: ...
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress_bar(total: int, name: str) -> AbstractContextManager[ProgressBar]:
+    """A progress bar on a terminal; tqdm is imported only then (it costs 20 ms of start-up)."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(_NoBar())
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False)
 
 
 def _by_block(extents: list[Extent], block: int) -> Iterator[Extent]:

@@ -37,14 +37,16 @@ def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, 
         uuid = catalog_vm(catalog, vm)
         want = [catalog.snapshot(uuid, snapshot_ref).id] if snapshot_ref else None
         with vm_lock(env.state_dir, uuid), Session(catalog, uuid, ssh) as session:
-            steps = session.plan(want=want, latest_first=latest_first)
             if dry_run:
+                steps = session.plan(want=want, latest_first=latest_first)
                 names = {s.id: s.name for s in catalog.snapshots(uuid, ghosts=True)}
                 env.emit([planner.as_json(s) for s in steps], lambda: planner.render(steps, names))
                 return
             results = []
-            try:
-                with StorageDaemon() as daemon, ThreadPoolExecutor(WORKERS) as pool:
+            with StorageDaemon() as daemon, ThreadPoolExecutor(WORKERS) as pool:
+                session.prefetch(daemon)  # while the destination starts
+                steps = session.plan(want=want, latest_first=latest_first)
+                try:
                     for step in steps:
                         if step.skip:
                             continue
@@ -52,10 +54,10 @@ def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, 
                         for note in sent.notes:
                             click.echo(f"vmrepl: warning: {note}", err=True)
                         results.append(sent)
-            except VmreplError as err:
-                catalog.record_target(uuid, host, anchor=_anchor(catalog, uuid, session), result=f"failed: {err}",
-                                      run_ns=time.time_ns())
-                raise
+                except VmreplError as err:
+                    catalog.record_target(uuid, host, anchor=_anchor(catalog, uuid, session),
+                                          result=f"failed: {err}", run_ns=time.time_ns())
+                    raise
             catalog.record_target(uuid, host, anchor=_anchor(catalog, uuid, session), result="ok",
                                   run_ns=time.time_ns())
 

@@ -12,9 +12,11 @@ that is not the protocol ends the session with one ERROR frame; nothing half-rec
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import select
+import stat
 import time
 from collections import deque
 from pathlib import Path
@@ -37,6 +39,8 @@ PROGRESS_BYTES = 256 << 20   # a resume point (flush + progress file) every this
 PROGRESS_SECONDS = 10.0      # ... or this often, whichever comes first
 READ_AHEAD_FRAMES = 16      # DATA frames whose base is read ahead ...
 READ_AHEAD_BYTES = 16 << 20  # ... while they hold at most this much
+PIPE_BYTES = 1 << 20         # stdin's pipe buffer (Linux allows up to /proc/sys/fs/pipe-max-size)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 IDLE_SECONDS = float(os.environ.get("VMREPL_RECEIVE_IDLE_SECONDS", 900))  # silence that ends a session
 
 
@@ -46,6 +50,11 @@ class _IdleLimitedInput(io.RawIOBase):
 
     def __init__(self, stream: BinaryIO) -> None:
         self.fd = stream.fileno()
+        # sshd feeds the stream through a pipe of 64 KiB: widened, each read takes up to 1 MiB and
+        # the two processes wake each other 16 times less often.
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.fstat(self.fd).st_mode):
+                fcntl.fcntl(self.fd, F_SETPIPE_SZ, PIPE_BYTES)
 
     def readable(self) -> bool:
         return True
