@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # store.py imports crash_point from here
     from .store import Store
 
 CLUSTER = 65536
-_ZEROS = bytes(CLUSTER)
+_ZEROS = memoryview(bytes(CLUSTER))
 CRASH_ENV = "VMREPL_CRASH_AT"  # test hook: the name of a step at which the receiver kills itself
 
 
@@ -52,19 +52,19 @@ def crash_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def differing_runs(offset: int, mine: bytes | bytearray, theirs: bytes | bytearray,
-                   cluster: int = CLUSTER) -> Iterator[tuple[int, int, bool]]:
+def differing_runs(offset: int, mine: bytes | bytearray, theirs: bytes | bytearray) -> Iterator[tuple[int, int, bool]]:
     """(start, end, zero) in `mine` of the runs of clusters (aligned to the disk; the first and last
     may be partial) whose bytes differ from `theirs`; `zero`: the run is all zeros in `mine`, so it
     can be stored as zero clusters, which hold no data."""
     if mine == theirs:
         return
+    # `startswith` at a position compares in place: slicing would copy every cluster first.
+    below = memoryview(theirs)
     run: tuple[int, bool] | None = None
     pos = 0
     while pos < len(mine):
-        end = min(len(mine), pos + cluster - (offset + pos) % cluster)
-        piece = mine[pos:end]
-        kind = None if piece == theirs[pos:end] else piece == (_ZEROS if end - pos == CLUSTER else bytes(end - pos))
+        end = min(len(mine), pos + CLUSTER - (offset + pos) % CLUSTER)
+        kind = None if mine.startswith(below[pos:end], pos) else mine.startswith(_ZEROS[:end - pos], pos)
         if run is not None and kind != run[1]:
             yield run[0], pos, run[1]
             run = None
@@ -96,14 +96,14 @@ class DeltaFilter:
                    for pos in range(0, inside, MAX_PIECE) for n in (min(MAX_PIECE, inside - pos),)]
         return Below(buf, cookies)
 
-    def changed(self, offset: int, data: bytes | bytearray, below: Below) -> Iterator[tuple[int, bytes | bytearray | int]]:
+    def changed(self, offset: int, data: bytes | bytearray, below: Below) -> Iterator[tuple[int, memoryview | int]]:
         """The pieces of a DATA frame that differ from the base read `below`: (offset, bytes) to write,
         or (offset, length) for a run of all-zero clusters, to store as zero clusters."""
         for cookie in below.cookies:
             while not self.h.aio_command_completed(cookie):
                 self.h.poll(-1)
         for start, end, zero in differing_runs(offset, data, below.data):
-            yield offset + start, end - start if zero else (data if end - start == len(data) else data[start:end])
+            yield offset + start, end - start if zero else memoryview(data)[start:end]
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Below:
     cookies: list[int]
 
 
-def store_piece(writer: LayerWriter, offset: int, piece: bytes | bytearray | int) -> None:
+def store_piece(writer: LayerWriter, offset: int, piece: bytes | bytearray | memoryview | int) -> None:
     """Write one piece `DeltaFilter.changed` or `differing_runs` chose: bytes, or a zero run's length."""
     if isinstance(piece, int):
         writer.write_zeroes(offset, piece)
