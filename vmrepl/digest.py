@@ -21,6 +21,7 @@ from .extents import MAX_PIECE
 from .qemu.storage_daemon import ALLOCATION, StorageDaemon, allocation_extents
 
 BLOCK = MAX_PIECE
+_ZEROS = bytes(BLOCK)
 _IN_FLIGHT = 4
 
 
@@ -35,21 +36,21 @@ def handle_digest(h: nbd.NBD) -> str:
     size = h.get_size()
     outer = hashlib.blake2b(digest_size=32, person=b"vmrepl-digest-1")
     outer.update(size.to_bytes(8, "little"))
-    pending: deque[tuple[int, nbd.Buffer, int]] = deque()
+    pending: deque[tuple[int, bytearray, int]] = deque()
 
     def finish_oldest() -> None:
         index, buf, cookie = pending[0]
         while not h.aio_command_completed(cookie):
             h.poll(-1)
         pending.popleft()
-        if not buf.is_zero():
-            outer.update(index.to_bytes(8, "little") + xxhash.xxh3_128_digest(buf.to_buffer()))
+        if buf != (_ZEROS if len(buf) == BLOCK else bytes(len(buf))):
+            outer.update(index.to_bytes(8, "little") + xxhash.xxh3_128_digest(buf))
 
     for index in _blocks_with_data(h, size):
         if len(pending) >= _IN_FLIGHT:
             finish_oldest()
         offset = index * BLOCK
-        buf = nbd.Buffer(min(BLOCK, size - offset))
+        buf = bytearray(min(BLOCK, size - offset))  # not nbd.Buffer: libnbd 1.14 never frees those
         pending.append((index, buf, h.aio_pread(buf, offset)))
     while pending:
         finish_oldest()

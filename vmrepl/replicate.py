@@ -34,8 +34,9 @@ from .wire import (MAX_BLOCKS, BlockDigestReply, BlockDigestRequest, DiskInfo, E
                    encode_data)
 
 COMPARE_BLOCK = 1 << 20  # block size of the digest comparison when change tracking cannot help
-READS_IN_FLIGHT = 8    # NBD reads queued ...
-FRAMES_IN_FLIGHT = 8   # ... and frames encoding: 16 x 4 MiB at most, however large the disk
+READS_IN_FLIGHT = 8       # NBD reads queued (4 MiB at most each) ...
+BATCH_BYTES = 1 << 20     # ... frames encoded together ...
+BATCHES_IN_FLIGHT = 4     # ... and batches encoding: about 64 MiB at most, however large the disk
 WORKERS = 2
 
 
@@ -247,33 +248,43 @@ class Session:
     def _stream_disk(self, daemon: StorageDaemon, pool: ThreadPoolExecutor, changes: DiskChanges, start: int,
                      bar: ProgressBar) -> None:
         # Two stages, each bounded: extents being read (NBD reads queued on one connection, which
-        # the daemon serves far cheaper than one at a time), then frames being encoded. zstd gives up
-        # on incompressible data within 10 us per 64 KiB, less than a pool task costs in handing
-        # over: after a frame that did not compress, the next is encoded here; after one that did,
-        # the pool compresses in parallel (zstd releases the GIL).
+        # the daemon serves far cheaper than one at a time), then batches of about BATCH_BYTES being
+        # encoded. zstd gives up on incompressible data within 10 us per 64 KiB, less than handing
+        # it to a worker costs: after a batch that did not compress, the next is encoded here; after
+        # one that did, the pool compresses batches in parallel (zstd releases the GIL).
         reads: deque[tuple[Extent, bytearray, int]] = deque()
-        encodes: deque[Future[EncodedData]] = deque()
+        batch: list[tuple[int, bytearray]] = []
+        encodes: deque[Future[list[EncodedData]]] = deque()
         compressing = True
 
         def write(keep: int) -> None:
             nonlocal compressing
             while len(encodes) > keep:
-                frame = encodes.popleft().result()
-                self.writer.write_encoded(frame)
-                compressing = len(frame.payload) < frame.length
-                bar.update(frame.length)
+                frames = encodes.popleft().result()
+                for frame in frames:
+                    self.writer.write_encoded(frame)
+                    bar.update(frame.length)
+                compressing = any(len(f.payload) < f.length for f in frames)
+
+        def seal() -> None:
+            if not batch:
+                return
+            if compressing:
+                encodes.append(pool.submit(_encode_all, list(batch)))
+            else:
+                encodes.append(Future())
+                encodes[-1].set_result(_encode_all(batch))
+            batch.clear()
+            write(BATCHES_IN_FLIGHT)
 
         def encode(keep: int) -> None:
             while len(reads) > keep:
                 piece, buf, cookie = reads.popleft()
                 while not h.aio_command_completed(cookie):
                     h.poll(-1)
-                if compressing:
-                    encodes.append(pool.submit(encode_data, piece.offset, buf))
-                else:
-                    encodes.append(Future())
-                    encodes[-1].set_result(encode_data(piece.offset, buf))
-                write(FRAMES_IN_FLIGHT)
+                batch.append((piece.offset, buf))
+                if sum(len(b) for _, b in batch) >= BATCH_BYTES:
+                    seal()
 
         with daemon.reader(changes.image) as export:
             h = export.nbd
@@ -281,13 +292,15 @@ class Session:
                 for piece in split(_after(changes.extents, start)):
                     if piece.zero:
                         encode(0)  # frames go out in offset order
+                        seal()
                         write(0)
                         self.writer.zero(piece.offset, piece.length)
                     else:
                         buf = bytearray(piece.length)
-                        reads.append((piece, buf, h.aio_pread(nbd.Buffer.from_buffer(buf), piece.offset)))
+                        reads.append((piece, buf, h.aio_pread(buf, piece.offset)))
                         encode(READS_IN_FLIGHT)
                 encode(0)
+                seal()
                 write(0)
             except nbd.Error as err:
                 raise SourceError(f"reading {changes.image} failed: {err.string}",
@@ -310,6 +323,10 @@ class Session:
         self._guard(lambda: self.writer.write(VerifyRequest(tuple(snapshot_ids))))
         reply: VerifyReply = self._guard(lambda: self.reader.expect(VerifyReply))
         return reply.digests
+
+
+def _encode_all(batch: list[tuple[int, bytearray]]) -> list[EncodedData]:
+    return [encode_data(offset, data) for offset, data in batch]
 
 
 class ProgressBar(Protocol):

@@ -92,7 +92,7 @@ class DeltaFilter:
         buf = bytearray(length)
         inside = max(0, min(length, self.size - offset))
         view = memoryview(buf)
-        cookies = [self.h.aio_pread(nbd.Buffer.from_buffer(view[pos:pos + n]), offset + pos)
+        cookies = [self.h.aio_pread(view[pos:pos + n], offset + pos)
                    for pos in range(0, inside, MAX_PIECE) for n in (min(MAX_PIECE, inside - pos),)]
         return Below(buf, cookies)
 

@@ -110,7 +110,7 @@ class LayerWriter:
         for pos in range(0, len(view), MAX_PIECE):
             while len(self._pending) >= _IN_FLIGHT:
                 self._complete_oldest()
-            piece = nbd.Buffer.from_buffer(view[pos:pos + MAX_PIECE])
+            piece = view[pos:pos + MAX_PIECE]  # a plain buffer: libnbd 1.14 never frees an nbd.Buffer
             self._pending.append(self._nbd(h.aio_pwrite, piece, offset + pos))
 
     def write_zeroes(self, offset: int, length: int) -> None:
