@@ -59,6 +59,7 @@ class StorageDaemon:
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_socket: Path | None = None
         self._nbd_socket: Path | None = None
         self._ids = itertools.count(1)
 
@@ -87,12 +88,15 @@ class StorageDaemon:
         except FileNotFoundError:
             self.stop()
             raise QemuError("qemu-storage-daemon is not installed", hint="run scripts/setup.sh") from None
-        try:
-            self._wait_for(qmp_socket)
-            self._qmp = self._connect_qmp(qmp_socket)
-        except BaseException:
-            self.stop()
-            raise
+        self._qmp_socket = qmp_socket  # connected on first use: the daemon boots while the caller works
+
+    def _monitor(self) -> QEMUMonitorProtocol:
+        if self._qmp is None:
+            if self._proc is None or self._qmp_socket is None:
+                raise QemuError("qemu-storage-daemon is not running", hint="use StorageDaemon as a context manager")
+            self._wait_for(self._qmp_socket)
+            self._qmp = self._connect_qmp(self._qmp_socket)
+        return self._qmp
 
     def _connect_qmp(self, socket: Path) -> QEMUMonitorProtocol:
         """Connect and negotiate; the socket file exists a moment before the daemon accepts on it, so
@@ -121,6 +125,8 @@ class StorageDaemon:
             with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
                 self._qmp.close()
             self._qmp = None
+        elif self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()  # never talked to: SIGTERM makes it quit cleanly too
         if self._proc is not None:
             try:
                 self._proc.wait(timeout=5)
@@ -131,14 +137,14 @@ class StorageDaemon:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        self._qmp_socket = None
         self._nbd_socket = None
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run one QMP command; a refusal becomes a QemuError quoting QEMU's message."""
-        if self._qmp is None:
-            raise QemuError("qemu-storage-daemon is not running", hint="use StorageDaemon as a context manager")
+        monitor = self._monitor()
         try:
-            return self._qmp.cmd(command, **arguments)
+            return monitor.cmd(command, **arguments)
         except QMPError as err:
             raise QemuError(f"qemu-storage-daemon refused {command}: {err}", hint="see QEMU's message") from None
         except (OSError, EOFError, TimeoutError) as err:
@@ -207,11 +213,10 @@ class StorageDaemon:
     def remove_export(self, export: str) -> None:
         """Drop an export and wait until QEMU has released it (clients are cut off: close them first)."""
         self.qmp("block-export-del", id=export, mode="hard")
-        assert self._qmp is not None
         deadline = time.monotonic() + _QMP_TIMEOUT
         while time.monotonic() < deadline:
             try:
-                event = self._qmp.pull_event(wait=1.0)
+                event = self._monitor().pull_event(wait=1.0)
             except TimeoutError:
                 continue
             if event and event["event"] == "BLOCK_EXPORT_DELETED" and event["data"]["id"] == export:
