@@ -299,11 +299,11 @@ def summarize_profile(path: Path, categories: tuple[tuple[tuple[str, ...], str],
 def _thread(frames: list[str]) -> str:
     name = frames[0].partition(": ")[2] or "unnamed (native)"
     if name.startswith("ThreadPoolExecutor"):
-        return "pool workers (read + checksum + compress)"
+        return "pool workers (checksum + compress, compressible data)"
     if name.startswith("Thread-") and any("paramiko" in f for f in frames):
         return "paramiko transport thread"
     if name == "MainThread":
-        return "main thread (plan, framing, channel send)"
+        return "main thread (NBD reads, framing, paramiko send)"
     return name
 
 
