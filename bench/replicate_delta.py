@@ -400,7 +400,7 @@ def _ok(flag: bool) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", default="4,8", help="disk sizes in GiB, comma-separated")
     parser.add_argument("--kinds", default="random,binaries")
     parser.add_argument("--no-profile", action="store_true")
