@@ -1,9 +1,9 @@
 """The sender's side of a session: plan against what the destination holds, then stream each snapshot.
 
 For each planned step the changed extents of every disk come from the dirty bitmaps (source/changes.py);
-the main thread queues NBD reads of them, a small thread pool checksums and compresses what arrived (zstd
-releases the GIL), and the main thread writes the finished frames in order, so reading, compressing and
-sending overlap and memory stays bounded by the reads and frames in flight.
+the main thread queues NBD reads of them, encodes what arrived in batches (in a small thread pool while
+the data compresses: zstd releases the GIL) and writes the finished frames in order, so reading,
+compressing and sending overlap and memory stays bounded by the reads and batches in flight.
 """
 
 from __future__ import annotations
@@ -254,6 +254,7 @@ class Session:
         # one that did, the pool compresses batches in parallel (zstd releases the GIL).
         reads: deque[tuple[Extent, bytearray, int]] = deque()
         batch: list[tuple[int, bytearray]] = []
+        batch_bytes = 0
         encodes: deque[Future[list[EncodedData]]] = deque()
         compressing = True
 
@@ -267,6 +268,7 @@ class Session:
                 compressing = any(len(f.payload) < f.length for f in frames)
 
         def seal() -> None:
+            nonlocal batch_bytes
             if not batch:
                 return
             if compressing:
@@ -275,33 +277,38 @@ class Session:
                 encodes.append(Future())
                 encodes[-1].set_result(_encode_all(batch))
             batch.clear()
+            batch_bytes = 0
             write(BATCHES_IN_FLIGHT)
 
         def encode(keep: int) -> None:
+            nonlocal batch_bytes
             while len(reads) > keep:
                 piece, buf, cookie = reads.popleft()
                 while not h.aio_command_completed(cookie):
                     h.poll(-1)
                 batch.append((piece.offset, buf))
-                if sum(len(b) for _, b in batch) >= BATCH_BYTES:
+                batch_bytes += len(buf)
+                if batch_bytes >= BATCH_BYTES:
                     seal()
+
+        def finish() -> None:
+            """Everything read so far goes out, in offset order."""
+            encode(0)
+            seal()
+            write(0)
 
         with daemon.reader(changes.image) as export:
             h = export.nbd
             try:
                 for piece in split(_after(changes.extents, start)):
                     if piece.zero:
-                        encode(0)  # frames go out in offset order
-                        seal()
-                        write(0)
+                        finish()
                         self.writer.zero(piece.offset, piece.length)
                     else:
                         buf = bytearray(piece.length)
                         reads.append((piece, buf, h.aio_pread(buf, piece.offset)))
                         encode(READS_IN_FLIGHT)
-                encode(0)
-                seal()
-                write(0)
+                finish()
             except nbd.Error as err:
                 raise SourceError(f"reading {changes.image} failed: {err.string}",
                                   hint="see qemu-storage-daemon's message") from None

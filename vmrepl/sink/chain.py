@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import nbd
 
 from ..catalog import Layer, Snapshot
-from ..errors import VmreplError
+from ..errors import SinkError, VmreplError
 from ..extents import MAX_PIECE, Extent, split, union
 from ..qemu import img
 from ..qemu.storage_daemon import StorageDaemon, pread
@@ -99,9 +99,13 @@ class DeltaFilter:
     def changed(self, offset: int, data: bytes | bytearray, below: Below) -> Iterator[tuple[int, memoryview | int]]:
         """The pieces of a DATA frame that differ from the base read `below`: (offset, bytes) to write,
         or (offset, length) for a run of all-zero clusters, to store as zero clusters."""
-        for cookie in below.cookies:
-            while not self.h.aio_command_completed(cookie):
-                self.h.poll(-1)
+        try:
+            for cookie in below.cookies:
+                while not self.h.aio_command_completed(cookie):
+                    self.h.poll(-1)
+        except nbd.Error as err:
+            raise SinkError(f"reading the base at offset {offset} failed: {err.string}",
+                            hint="see qemu-storage-daemon's message") from None
         for start, end, zero in differing_runs(offset, data, below.data):
             yield offset + start, end - start if zero else memoryview(data)[start:end]
 

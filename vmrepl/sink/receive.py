@@ -182,9 +182,10 @@ class _Session:
         window: deque[tuple[Data, chain.Below | None]] = deque()
         window_bytes = 0
 
-        def store(keep: int) -> None:
+        def store(frames: int = 0, limit: int = 0) -> None:
+            """Store the oldest frames until at most `frames` holding at most `limit` bytes wait."""
             nonlocal window_bytes
-            while len(window) > keep:
+            while window and (len(window) > frames or window_bytes > limit):
                 frame, below = window.popleft()
                 window_bytes -= len(frame.data)
                 pieces = delta.changed(frame.offset, frame.data, below) if delta and below else \
@@ -198,22 +199,22 @@ class _Session:
             if isinstance(frame, Data):
                 window.append((frame, delta.below(frame.offset, len(frame.data)) if delta else None))
                 window_bytes += len(frame.data)
-                store(READ_AHEAD_FRAMES if window_bytes <= READ_AHEAD_BYTES else 0)
+                store(READ_AHEAD_FRAMES, READ_AHEAD_BYTES)
                 unsaved += len(frame.data)
                 end = frame.offset + len(frame.data)
             elif isinstance(frame, Zero):
-                store(0)
+                store()
                 writer.write_zeroes(frame.offset, frame.length)
                 end = frame.offset + frame.length
             elif isinstance(frame, DiskEnd):
-                store(0)
+                store()
                 return
             elif isinstance(frame, Error):
                 raise frame.exception("sender")
             else:
                 raise ProtocolError(f"stream corrupt: unexpected {type(frame).__name__} frame in disk {target}")
             if unsaved >= PROGRESS_BYTES or time.monotonic() - last_save >= PROGRESS_SECONDS:
-                store(0)
+                store()
                 writer.flush()
                 offsets[target] = end
                 self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
