@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import nbd
@@ -28,7 +27,7 @@ from .errors import ChangeTrackingError, ProtocolError, SourceError, TransportEr
 from .extents import Extent, split, total_length, union
 from .qemu.storage_daemon import StorageDaemon, pread
 from .source.changes import DiskChanges, disk_changes, full_disk_changes
-from .transport import Connection, connect, parse_destination
+from .transport import Connection, ConnectOptions, Opening, parse_destination
 from .wire import (MAX_BLOCKS, BlockDigestReply, BlockDigestRequest, DiskInfo, EncodedData, End, Error, FrameReader,
                    FrameWriter, Hello, Ok, ReceiverHello, SnapshotHeader, VerifyReply, VerifyRequest, block_digest,
                    encode_data)
@@ -38,16 +37,6 @@ READS_IN_FLIGHT = 8       # NBD reads queued (4 MiB at most each) ...
 BATCH_BYTES = 1 << 20     # ... frames encoded together ...
 BATCHES_IN_FLIGHT = 4     # ... and batches encoding: about 64 MiB at most, however large the disk
 WORKERS = 2
-
-
-@dataclass(frozen=True)
-class ConnectOptions:
-    destination: str
-    identity: Path | None = None
-    known_hosts: Path | None = None
-    accept_new_host_key: bool = False
-    remote_command: str = "vmrepl receive"
-    bwlimit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,31 +58,31 @@ class Sent:
 class Session:
     """One ssh session to `vmrepl receive` for one VM: hello, then transfers or verify requests.
 
-    Connecting and the destination's start-up take most of a small delta's time, so `__enter__` only
-    starts them, in a thread that connects and says hello; the caller meanwhile prepares (`prefetch`),
-    and the first use of `held` waits for the destination's answer."""
+    Connecting and the destination's start-up take most of a small delta's time, so the connection is
+    opened in a thread (`Opening`; the caller may start it before anything else), which then says
+    hello; the caller meanwhile prepares (`prefetch`), and the first use of `held` waits for the
+    destination's answer."""
 
-    def __init__(self, catalog: Catalog, vm_uuid: str, options: ConnectOptions) -> None:
+    def __init__(self, catalog: Catalog, vm_uuid: str, options: ConnectOptions, *,
+                 opening: Opening | None = None) -> None:
         self.catalog = catalog
         self.vm_uuid = vm_uuid
         self.vm_name = next(name for uuid, name in catalog.vms() if uuid == vm_uuid)
         self.options = options
         self.conn: Connection | None = None
         self.sent_ids: set[str] = set()
+        self._opening = opening
         self._opened: Future[None] = Future()
         self._held: ReceiverHello | None = None
         self._prefetched: dict[tuple[str, str, str], DiskChanges] = {}
 
     def __enter__(self) -> Session:
-        threading.Thread(target=self._open, name="ssh-connect", daemon=True).start()
+        threading.Thread(target=self._open, name="ssh-hello", daemon=True).start()
         return self
 
     def _open(self) -> None:
         try:
-            o = self.options
-            self.conn = connect(o.destination, identity=o.identity, known_hosts=o.known_hosts,
-                                accept_new_host_key=o.accept_new_host_key, remote_command=o.remote_command,
-                                bwlimit=o.bwlimit)
+            self.conn = (self._opening or Opening(self.options)).result()
             self.writer = FrameWriter(self.conn.writer)
             self.reader = FrameReader(self.conn.reader, peer="destination")
             self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name)))

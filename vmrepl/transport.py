@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,6 +265,37 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    destination: str
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    accept_new_host_key: bool = False
+    remote_command: str = DEFAULT_REMOTE_COMMAND
+    bwlimit: int | None = None
+
+
+class Opening:
+    """`connect` with `options`, in a thread started at once; `result()` waits for the Connection (or
+    raises what connecting raised). The caller does other work meanwhile: the connect is mostly
+    waiting for the network and for the destination."""
+
+    def __init__(self, options: ConnectOptions) -> None:
+        self._future: Future[Connection] = Future()
+        threading.Thread(target=self._run, args=(options,), name="ssh-connect", daemon=True).start()
+
+    def _run(self, o: ConnectOptions) -> None:
+        try:
+            self._future.set_result(connect(o.destination, identity=o.identity, known_hosts=o.known_hosts,
+                                            accept_new_host_key=o.accept_new_host_key,
+                                            remote_command=o.remote_command, bwlimit=o.bwlimit))
+        except BaseException as err:  # noqa: BLE001 - raised again by result(), in the caller's thread
+            self._future.set_exception(err)
+
+    def result(self) -> Connection:
+        return self._future.result()
 
 
 def connect(destination: str | Destination, *, identity: Path | None = None, known_hosts: Path | None = None,

@@ -145,7 +145,7 @@ def connection_options(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(*args: Any, destination: str, identity: Path | None, known_hosts: Path | None,
                 accept_new_host_key: bool, remote_command: str, bwlimit: str | None, **kwargs: Any) -> Any:
-        from ..replicate import ConnectOptions
+        from ..transport import ConnectOptions
 
         return f(*args, ssh=ConnectOptions(destination=destination, identity=identity, known_hosts=known_hosts,
                                            accept_new_host_key=accept_new_host_key, remote_command=remote_command,

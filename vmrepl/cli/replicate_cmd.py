@@ -22,21 +22,24 @@ from .common import Env, catalog_vm, connection_options, format_table, global_op
 def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, latest_first: bool,  # type: ignore[no-untyped-def]
               dry_run: bool) -> None:
     """Send VM's snapshots that the destination lacks, each as a delta on the youngest shared one."""
+    from ..transport import Opening, parse_destination
+
+    if snapshot_ref and send_all:
+        raise UsageError("--snapshot and --all exclude each other")
+    host = str(parse_destination(ssh.destination))
+    opening = Opening(ssh)  # connect while the rest is imported and the catalog read
+
     from concurrent.futures import ThreadPoolExecutor
 
     from .. import plan as planner
     from ..qemu.storage_daemon import StorageDaemon
     from ..replicate import WORKERS, Session
     from ..state import vm_lock
-    from ..transport import parse_destination
 
-    if snapshot_ref and send_all:
-        raise UsageError("--snapshot and --all exclude each other")
-    host = str(parse_destination(ssh.destination))
     with env.catalog() as catalog:
         uuid = catalog_vm(catalog, vm)
         want = [catalog.snapshot(uuid, snapshot_ref).id] if snapshot_ref else None
-        with vm_lock(env.state_dir, uuid), Session(catalog, uuid, ssh) as session:
+        with vm_lock(env.state_dir, uuid), Session(catalog, uuid, ssh, opening=opening) as session:
             if dry_run:
                 steps = session.plan(want=want, latest_first=latest_first)
                 names = {s.id: s.name for s in catalog.snapshots(uuid, ghosts=True)}
