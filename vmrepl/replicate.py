@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -59,9 +58,8 @@ class Session:
     """One ssh session to `vmrepl receive` for one VM: hello, then transfers or verify requests.
 
     Connecting and the destination's start-up take most of a small delta's time, so the connection is
-    opened in a thread (`Opening`; the caller may start it before anything else), which then says
-    hello; the caller meanwhile prepares (`prefetch`), and the first use of `held` waits for the
-    destination's answer."""
+    opened in a thread (`Opening`; the caller may start it before anything else) while the caller
+    prepares (`prefetch`); the first use of `held` says hello and waits for the destination's answer."""
 
     def __init__(self, catalog: Catalog, vm_uuid: str, options: ConnectOptions, *,
                  opening: Opening | None = None) -> None:
@@ -72,37 +70,29 @@ class Session:
         self.conn: Connection | None = None
         self.sent_ids: set[str] = set()
         self._opening = opening
-        self._opened: Future[None] = Future()
         self._held: ReceiverHello | None = None
         self._prefetched: dict[tuple[str, str, str], DiskChanges] = {}
 
     def __enter__(self) -> Session:
-        threading.Thread(target=self._open, name="ssh-hello", daemon=True).start()
+        if self._opening is None:
+            self._opening = Opening(self.options)
         return self
-
-    def _open(self) -> None:
-        try:
-            self.conn = (self._opening or Opening(self.options)).result()
-            self.writer = FrameWriter(self.conn.writer)
-            self.reader = FrameReader(self.conn.reader, peer="destination")
-            self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name)))
-        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread by `held`
-            self._opened.set_exception(err)
-        else:
-            self._opened.set_result(None)
 
     @property
     def held(self) -> ReceiverHello:
         """What the destination holds of the VM (its answer to the hello)."""
         if self._held is None:
-            self._opened.result()
+            assert self._opening is not None, "use Session as a context manager"
+            self.conn = self._opening.result()
+            self.writer = FrameWriter(self.conn.writer)
+            self.reader = FrameReader(self.conn.reader, peer="destination")
+            self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name)))
             self._held = self._guard(lambda: self.reader.expect(ReceiverHello))
         return self._held
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if self._opened.exception() is not None:
-            return  # nothing was opened; the caller saw the error (or is unwinding anyway)
-        assert self.conn is not None
+        if self.conn is None:
+            return  # never got as far as the hello: the caller is unwinding from an earlier error
         try:
             if exc_type is None:
                 self._guard(lambda: self.writer.write(End()))

@@ -92,8 +92,8 @@ class DeltaFilter:
         buf = bytearray(length)
         inside = max(0, min(length, self.size - offset))
         view = memoryview(buf)
-        cookies = [self.h.aio_pread(view[pos:pos + n], offset + pos)
-                   for pos in range(0, inside, MAX_PIECE) for n in (min(MAX_PIECE, inside - pos),)]
+        cookies = [self.h.aio_pread(view[pos:min(pos + MAX_PIECE, inside)], offset + pos)
+                   for pos in range(0, inside, MAX_PIECE)]
         return Below(buf, cookies)
 
     def changed(self, offset: int, data: bytes | bytearray, below: Below) -> Iterator[tuple[int, memoryview | int]]:

@@ -199,7 +199,10 @@ class _Session:
             if isinstance(frame, Data):
                 window.append((frame, delta.below(frame.offset, len(frame.data)) if delta else None))
                 window_bytes += len(frame.data)
-                store(READ_AHEAD_FRAMES, READ_AHEAD_BYTES)
+                if delta:
+                    store(READ_AHEAD_FRAMES, READ_AHEAD_BYTES)
+                else:
+                    store()  # nothing to read ahead: a whole disk goes straight to the layer
                 unsaved += len(frame.data)
                 end = frame.offset + len(frame.data)
             elif isinstance(frame, Zero):
