@@ -99,12 +99,9 @@ def main() -> int:
                     "min", "max", "vs 1 GiB, same count"], rows)
     print(text)
     if not args.no_doc:
-        c.write_section("changes_scaling", "\n\n".join([
-            "## `vmrepl changes`: cost follows the changes, not the disk size",
-            f"Measured {c.machine()}; {args.runs} runs per case, alternating between the disks; the whole run "
-            f"took {elapsed / 60:.1f} min. Rerun: `.venv/bin/python bench/changes_scaling.py`.",
-            (__doc__ or "").split("\n\n", 1)[1].rsplit("\n\nRun from", 1)[0],
-            text]))
+        c.write_report("changes_scaling", "`vmrepl changes`: cost follows the changes, not the disk size",
+                       f"{args.runs} runs per case, alternating between the disks; the whole run took "
+                       f"{elapsed / 60:.1f} min", __doc__, text)
     return 0
 
 

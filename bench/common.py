@@ -208,6 +208,16 @@ def write_section(name: str, text: str) -> None:
     tmp.replace(DOC)
 
 
+def write_report(script: str, title: str, method: str, doc: str | None, *body: str) -> None:
+    """Write the section of bench/SCRIPT.py: its title, the machine and `method` (how it ran), the
+    description from the script's docstring (between its first paragraph and "Run from"), then `body`."""
+    write_section(script, "\n\n".join([
+        f"## {title}",
+        f"Measured {machine()}; {method}. Rerun: `.venv/bin/python bench/{script}.py`.",
+        (doc or "").split("\n\n", 1)[1].rsplit("\n\nRun from", 1)[0],
+        *body]))
+
+
 def table(header: list[str], rows: list[list[object]]) -> str:
     """A Markdown table (also readable on a terminal)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

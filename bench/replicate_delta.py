@@ -430,12 +430,9 @@ def main() -> int:
     for p in profiles:
         print("\n" + p)
     if not args.no_doc:
-        c.write_section("replicate_delta", "\n\n".join([
-            "## Delta replication: vmrepl against rsync, a full copy and the OpenSSH ceiling",
-            f"Measured {c.machine()}; {args.runs} runs per peer, alternating; the whole run took "
-            f"{elapsed / 60:.1f} min. Rerun: `.venv/bin/python bench/replicate_delta.py`.",
-            (__doc__ or "").split("\n\n", 1)[1].rsplit("\n\nRun from", 1)[0],
-            text, *profiles]))
+        c.write_report("replicate_delta", "Delta replication: vmrepl against rsync, a full copy and the OpenSSH ceiling",
+                       f"{args.runs} runs per peer, alternating; the whole run took {elapsed / 60:.1f} min",
+                       __doc__, text, *profiles)
     return 0
 
 
