@@ -61,6 +61,12 @@ def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def outcome(sender: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a sender that must now end by itself (at most 60 s): its exit status and stderr."""
+    _, stderr = sender.communicate(timeout=60)
+    return subprocess.CompletedProcess(sender.args, sender.returncode, "", stderr)
+
+
 def assert_one_line(result: subprocess.CompletedProcess, pattern: str, exit_code: int = 1) -> None:
     """The failure is reported as exactly one `vmrepl: ...` line matching `pattern`."""
     lines = result.stderr.strip().splitlines()
@@ -214,11 +220,10 @@ def test_killed_receiver_resumes_from_its_last_progress_point(rig: Rig, replicat
                    "the receiver saved a resume point inside vda")
         daemons = children(receiver)
         os.kill(receiver, signal.SIGKILL)
-        _, stderr = sender.communicate(timeout=60)
+        result = outcome(sender)
     finally:
         sender.kill()
-    assert_one_line(subprocess.CompletedProcess(sender.args, sender.returncode, "", stderr),
-                    r"connection to 10\.213\.0\.2 dropped|remote command failed on 10\.213\.0\.2")
+    assert_one_line(result, r"connection to 10\.213\.0\.2 dropped|remote command failed on 10\.213\.0\.2")
     assert not [pid for pid in daemons if pid_alive(pid)], "the receiver's qemu-storage-daemon outlived it"
     assert rig.progress(snap)["offsets"]["vda"] < DISKS["vda"]
     rig.recovers(replicated, snap, resend_at_most=0.6)
@@ -234,11 +239,10 @@ def test_cut_connection_resumes(rig: Rig, replicated) -> None:
         session = parent(receiver)
         assert Path(f"/proc/{session}/cmdline").read_bytes().startswith(b"sshd"), "not an sshd session"
         os.kill(session, signal.SIGKILL)
-        _, stderr = sender.communicate(timeout=60)
+        result = outcome(sender)
     finally:
         sender.kill()
-    assert_one_line(subprocess.CompletedProcess(sender.args, sender.returncode, "", stderr),
-                    r"connection to 10\.213\.0\.2 dropped")
+    assert_one_line(result, r"connection to 10\.213\.0\.2 dropped")
     wait_until(lambda: not pid_alive(receiver), "the receiver noticed the cut and exited", timeout=20)
     rig.recovers(replicated, snap, resend_at_most=0.5)
 
