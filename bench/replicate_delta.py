@@ -14,6 +14,11 @@ change to the second host, in an order that rotates every run:
 - ceiling: `ssh host 'cat > FILE' < CHANGED` of exactly the changed bytes (one file holding the
   extents back to back, in page cache): what one OpenSSH stream can move.
 
+Then the same rounds again (without the full copy) over a link limited to 1 Gbit/s, a token bucket
+(`tc ... tbf`) on the source's end of the veth: the loopback link is faster than anything on these 2
+cores, so without it compression only costs CPU; over a gigabit link, as between two real hosts, it
+saves time.
+
 After each run, `ssh host true` and a `vmrepl replicate` with nothing to send measure what each side
 pays before any data moves (connect, authentication, start-up), so that the transfers can also be
 compared without it. Every OpenSSH peer uses aes128-gcm, OpenSSH's fastest cipher here. Bytes are what each tool sends
@@ -23,7 +28,7 @@ source veth's tx counter (the smallest over the runs: other users of the second 
 qemu-storage-daemon; the smallest over the runs, since other engineers' work only adds to it).
 
 Run from the checkout: `.venv/bin/python bench/replicate_delta.py [--runs N] [--sizes 4,8] [--kinds
-random,binaries] [--no-profile]`.
+random,binaries] [--no-profile] [--no-link]`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pathlib import Path
 import common as c
 from testbed import VMREPL
 from testbed.host import SecondHost
+from testbed.vm import VM
 
 FILL = 0.6
 CHUNK = 4 * c.MiB
@@ -51,6 +57,9 @@ CHANGE = 0.02
 EXTENT = 64 * c.KiB
 CORPUS = 768 * c.MiB
 PEERS = ("vmrepl", "rsync", "full copy", "ceiling")
+# The link-limited rounds leave the full copy out: over a slow link it only measures the link.
+LINK_RATE, LINK_LABEL = "1gbit", "1 Gbit/s"
+LINKED_PEERS = ("vmrepl", "rsync", "ceiling")
 VETH_TX = Path("/sys/class/net/vmrepl-s0/statistics/tx_bytes")
 PROFILE_RATE = 200
 PROFILE_CHANGE = 5  # times the benchmark's change (overlaps make it a little less)
@@ -75,6 +84,7 @@ class Result:
     changed: int
     initial: tuple[float, int]
     samples: Samples
+    linked: Samples | None  # the same rounds over a link limited to LINK_RATE
     profile: str | None
 
 
@@ -193,7 +203,7 @@ def busy_cpu_seconds() -> float:
 # --- one configuration -----------------------------------------------------------------------------
 
 def run_config(bench: Bench, size: int, kind: str, runs: int, work: Path,
-               profile: bool) -> Result:
+               profile: bool, link_rate: str | None) -> Result:
     rng = random.Random(f"{size}-{kind}")
     content = Content(kind, rng)
     vm = c.create_vm(size, f"bench-{size // c.GiB}g-{kind}")
@@ -207,46 +217,58 @@ def run_config(bench: Bench, size: int, kind: str, runs: int, work: Path,
         initial = bench.vmrepl(vm.name, None)
         print(f"  {size // c.GiB} GiB {kind}: image {image_bytes / c.GiB:.2f} GiB, initial full send "
               f"{initial[0]:.1f} s, {initial[1] / c.GiB:.2f} GiB sent", flush=True)
-        samples = Samples()
-        changed = 0
-        for i in range(runs):
-            change = make_change(size, content, rng)
-            changed = len(change) * EXTENT
-            apply_change(c.current_image(vm), change)
-            apply_change(flat, change)
-            changed_file = work / "changed.bin"
-            with open(changed_file, "wb") as f:
-                for _offset, data in change:
-                    f.write(data)
-            c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
-            peers = {"vmrepl": lambda: bench.vmrepl(vm.name, samples),
-                     "rsync": lambda: bench.rsync(flat),
-                     "full copy": lambda: bench.cat(flat, "full.qcow2"),
-                     "ceiling": lambda: bench.cat(changed_file, "changed.bin")}
-            order = PEERS[i % len(PEERS):] + PEERS[:i % len(PEERS)]
-            for peer in order:
-                before, cpu_before = tx_bytes(), busy_cpu_seconds()
-                seconds, sent = peers[peer]()
-                samples.wire[peer].append(tx_bytes() - before)
-                samples.machine_cpu[peer].append(busy_cpu_seconds() - cpu_before)
-                samples.seconds[peer].append(seconds)
-                samples.sent[peer].append(sent)
-            # What each side pays before any data moves, to compare the transfers without it.
-            samples.seconds["ssh true"].append(c.stopwatch([*bench.ssh, bench.host.destination, "true"])[0])
-            samples.seconds["vmrepl no-op"].append(c.timed(bench.replicate_argv(vm.name)).seconds)
-            print(f"  run {i + 1}: " + ", ".join(f"{p} {samples.seconds[p][-1]:.2f} s" for p in samples.seconds),
-                  flush=True)
+        samples, changed = run_rounds(bench, vm, flat, work, size, content, rng, runs, PEERS)
+        linked = None
+        if link_rate:
+            with bench.host.link_rate(link_rate):
+                linked, _ = run_rounds(bench, vm, flat, work, size, content, rng, runs, LINKED_PEERS)
         prof = None
         if profile:  # a larger delta, so that streaming outweighs start-up in the samples
             change = [e for _ in range(PROFILE_CHANGE) for e in make_change(size, content, rng)]
             apply_change(c.current_image(vm), change)
             c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
             prof = profile_sender(bench, vm.name, c.public_dir(c.BENCH_DIR / "profiles"), kind)
-        return Result(size, kind, image_bytes, changed, initial, samples, prof)
+        return Result(size, kind, image_bytes, changed, initial, samples, linked, prof)
     finally:
         c.remove_vm(vm)
         for leftover in (bench.peer_dir / "rsync.qcow2", bench.peer_dir / "full.qcow2", work / "flat.qcow2"):
             leftover.unlink(missing_ok=True)
+
+
+def run_rounds(bench: Bench, vm: VM, flat: Path, work: Path, size: int, content: Content, rng: random.Random,
+               runs: int, peer_names: tuple[str, ...]) -> tuple[Samples, int]:
+    """`runs` rounds of change, snapshot and each peer's transfer (order rotating); returns the
+    samples and the bytes changed per round."""
+    samples = Samples()
+    changed = 0
+    for i in range(runs):
+        change = make_change(size, content, rng)
+        changed = len(change) * EXTENT
+        apply_change(c.current_image(vm), change)
+        apply_change(flat, change)
+        changed_file = work / "changed.bin"
+        with open(changed_file, "wb") as f:
+            for _offset, data in change:
+                f.write(data)
+        c.vmrepl_json("snapshot", vm.name, state_dir=bench.src_state)
+        peers = {"vmrepl": lambda: bench.vmrepl(vm.name, samples),
+                 "rsync": lambda: bench.rsync(flat),
+                 "full copy": lambda: bench.cat(flat, "full.qcow2"),
+                 "ceiling": lambda: bench.cat(changed_file, "changed.bin")}
+        order = peer_names[i % len(peer_names):] + peer_names[:i % len(peer_names)]
+        for peer in order:
+            before, cpu_before = tx_bytes(), busy_cpu_seconds()
+            seconds, sent = peers[peer]()
+            samples.wire[peer].append(tx_bytes() - before)
+            samples.machine_cpu[peer].append(busy_cpu_seconds() - cpu_before)
+            samples.seconds[peer].append(seconds)
+            samples.sent[peer].append(sent)
+        # What each side pays before any data moves, to compare the transfers without it.
+        samples.seconds["ssh true"].append(c.stopwatch([*bench.ssh, bench.host.destination, "true"])[0])
+        samples.seconds["vmrepl no-op"].append(c.timed(bench.replicate_argv(vm.name)).seconds)
+        print(f"  run {i + 1}: " + ", ".join(f"{p} {samples.seconds[p][-1]:.2f} s" for p in samples.seconds),
+              flush=True)
+    return samples, changed
 
 
 # --- profile ---------------------------------------------------------------------------------------
@@ -374,17 +396,37 @@ def report(results: list[Result], runs: int) -> str:
             grows = all(b[1] > a[1] for a, b in zip(by_size, by_size[1:]))
             checks.append([kind, "margin over rsync grows with the disk",
                            " -> ".join(f"{v:.1f}x" for _, v in by_size), _ok(grows)])
+    linked_rows = []
+    for r in (r for r in results if r.linked):
+        s = r.linked
+        med = {p: c.median(s.seconds[p]) for p in LINKED_PEERS}
+        for p in LINKED_PEERS:
+            linked_rows.append([f"{r.size // c.GiB} GiB", r.kind, p, f"{med[p]:.2f}", _mb(c.median(s.sent[p])),
+                                f"{med[p] / med['ceiling']:.2f}x", f"{min(s.machine_cpu[p]):.2f}"])
+        label = f"{r.size // c.GiB} GiB {r.kind}, {LINK_LABEL} link"
+        vs_ceiling = med["vmrepl"] / med["ceiling"]
+        if r.kind == "random":
+            checks.append([label, "vmrepl within 2x of the ceiling", f"{vs_ceiling:.2f}x", _ok(vs_ceiling <= 2)])
+        else:
+            checks.append([label, "vmrepl faster than the ceiling", f"{vs_ceiling:.2f}x", _ok(vs_ceiling < 1)])
+        vs_rsync = med["rsync"] / med["vmrepl"]
+        checks.append([label, "rsync / vmrepl >= 3", f"{vs_rsync:.1f}x", _ok(vs_rsync >= 3)])
     rss = max(max(r.samples.rss_kib) for r in results) / 1024
     checks.append(["all", "vmrepl sender peak RSS bounded (same for 4 and 8 GiB)", f"{rss:.0f} MiB", _ok(rss < 256)])
     details = [[f"{r.size // c.GiB} GiB", r.kind, f"{r.image_bytes / c.GiB:.2f} GiB", _mb(r.changed),
                 f"{r.initial[0]:.1f} s / {_mb(r.initial[1])}", f"{c.median(r.samples.inner):.2f}",
                 f"{c.median(r.samples.cpu):.2f}", f"{c.median(r.samples.seconds['vmrepl no-op']):.2f}",
                 f"{c.median(r.samples.seconds['ssh true']):.2f}"] for r in results]
+    linked = [f"The same rounds again over a link limited to {LINK_LABEL} (a token bucket on the source's veth), "
+              "as between two hosts on a gigabit network:",
+              c.table(["disk", "content", "peer", "seconds (median)", "MB sent", "/ ceiling", "machine CPU s (min)"],
+                      linked_rows)] if linked_rows else []
     return "\n\n".join([
         c.table(["disk", "content", "peer", "seconds (median)", "MB sent", "MB on veth (min)",
                  "MB/s of changed data", "machine CPU s (min)", "sender peak RSS"], rows),
         c.table(["disk", "content", "qcow2 image", "MB changed", "vmrepl initial full send", "vmrepl's own seconds",
                  "vmrepl sender CPU s", "vmrepl no-op replicate s", "ssh true s"], details),
+        *linked,
         "Targets (issue 5), from the medians above:",
         c.table(["case", "target", "measured", "met"], checks),
     ])
@@ -404,6 +446,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="4,8", help="disk sizes in GiB, comma-separated")
     parser.add_argument("--kinds", default="random,binaries")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-link", action="store_true", help=f"skip the rounds over a {LINK_LABEL} link")
     parser.add_argument("--no-doc", action="store_true", help="print the tables only")
     args = parser.parse_args()
     sizes = [int(s) * c.GiB for s in args.sizes.split(",")]
@@ -418,7 +461,8 @@ def main() -> int:
             for size in sizes:
                 for kind in kinds:
                     profile = not args.no_profile and size == sizes[0]
-                    results.append(run_config(bench, size, kind, args.runs, work, profile))
+                    results.append(run_config(bench, size, kind, args.runs, work, profile,
+                                              None if args.no_link else LINK_RATE))
         finally:
             shutil.rmtree(work, ignore_errors=True)
             c.remove_own_vms()

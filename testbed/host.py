@@ -195,6 +195,18 @@ class SecondHost:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def link_rate(self, rate: str) -> Iterator[None]:
+        """Limit what the source sends to this host to `rate` (tc's syntax, e.g. "1gbit") for a block:
+        a token bucket on the source's veth, as a real link of that speed would. The other direction
+        (acknowledgements, the receiver's replies) stays free."""
+        run(["tc", "qdisc", "replace", "dev", self.veth_source, "root", "tbf", "rate", rate,
+             "burst", "256kb", "latency", "50ms"])
+        try:
+            yield
+        finally:
+            run(["tc", "qdisc", "del", "dev", self.veth_source, "root"], check=False)
+
     # --- access ---------------------------------------------------------------------------------
 
     def ns_argv(self, *argv: str) -> list[str]:
