@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,20 @@ def test_a_host_left_by_a_killed_run_is_rebuilt_at_start(own_host: SecondHost, s
 
     own_host.stop()
     assert not own_host.running() and not Path("/run/netns", own_host.netns).exists()
+
+
+def test_link_rate_limits_what_the_source_sends_for_the_block_only(own_host: SecondHost):
+    def send(n: int) -> float:
+        started = time.monotonic()
+        subprocess.run(own_host.ssh_argv("cat > /dev/null"), input=os.urandom(n), check=True)
+        return time.monotonic() - started
+
+    def qdiscs() -> str:
+        return run(["tc", "qdisc", "show", "dev", own_host.veth_source]).stdout
+
+    free = send(MiB)
+    with own_host.link_rate("8mbit"):  # 1 MB/s: a MiB needs 0.8 s past the 256 KiB burst
+        assert "tbf" in qdiscs()
+        limited = send(MiB)
+    assert "tbf" not in qdiscs()
+    assert limited - free > 0.5, (limited, free)
