@@ -181,6 +181,10 @@ class Catalog:
         """Record a snapshot and its layers in one transaction (the files must already be durable)."""
         with self.transaction():
             self.upsert_vm(snap.vm_uuid, snap.vm_name)
+            # A snapshot pruned here and now sent again replaces its ghost.
+            self.db.execute("DELETE FROM layers WHERE snapshot_id IN (SELECT id FROM snapshots WHERE id = ? AND NOT held)",
+                            (snap.id,))
+            self.db.execute("DELETE FROM snapshots WHERE id = ? AND NOT held", (snap.id,))
             self.db.execute(
                 "INSERT INTO snapshots(id, vm_uuid, name, parent, created_ns, generation, origin, definition)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -235,6 +239,13 @@ class Catalog:
             self.db.executemany("INSERT INTO layers(snapshot_id, target, image, virtual_size, tracking)"
                                 " VALUES (?, ?, ?, ?, 'allocation')",
                                 [(gone.id, t, image, gone.disk(t).virtual_size) for t, image in below.items()])
+
+    def forget(self, gone: Snapshot) -> None:
+        """Record that a received snapshot was pruned here: a ghost without layers, which tells senders
+        not to send it again."""
+        with self.transaction():
+            self.db.execute("UPDATE snapshots SET held = 0 WHERE id = ?", (gone.id,))
+            self.db.execute("DELETE FROM layers WHERE snapshot_id = ?", (gone.id,))
 
     def _load(self, snapshot_id: str) -> Snapshot:
         row = self.db.execute(

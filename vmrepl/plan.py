@@ -9,7 +9,7 @@ Across a clone the ancestry decides: the VM a clone was made from sorts before t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from .errors import NotFoundError, StateError, UsageError
@@ -64,16 +64,18 @@ class Step:
 
 
 def plan(lineage: Sequence[SourceSnapshot], held: Sequence[HeldSnapshot], *,
-         want: Sequence[str] | None = None, latest_first: bool = False) -> list[Step]:
+         want: Sequence[str] | None = None, latest_first: bool = False,
+         pruned: Set[str] = frozenset()) -> list[Step]:
     """The steps that bring the destination from `held` to holding `want` (default: every snapshot of
-    the planned VM that is on the source and not held), oldest first, or with `latest_first` the
-    newest first and then the rest oldest first. Skip steps (wanted ids already held) come first."""
+    the planned VM that is on the source, not held and not `pruned` on the destination), oldest
+    first, or with `latest_first` the newest first and then the rest oldest first. Skip steps
+    (wanted ids already held) come first."""
     tree = _Lineage(lineage)
     holdings = {h.id: tree.held_age(h) for h in held}
     labels = {h.id: h.name or h.id for h in held} | {s.id: s.name or s.id for s in lineage}
     skips: list[Step] = []
     if want is None:
-        todo = [s for s in lineage if s.on_source and s.id not in holdings and tree.is_planned(s)]
+        todo = [s for s in lineage if s.on_source and s.id not in holdings and s.id not in pruned and tree.is_planned(s)]
     else:
         todo = []
         for ref in dict.fromkeys(want):

@@ -133,7 +133,7 @@ class Session:
                 held += other.held.snapshots
         return planner.plan(lineage, [planner.HeldSnapshot(id=h.id, created_ns=h.created_ns, generation=h.generation,
                                                            name=self._name(h.id)) for h in held],
-                            want=want, latest_first=latest_first)
+                            want=want, latest_first=latest_first, pruned=set(self.held.pruned))
 
     def _ancestors(self, own: list[Snapshot]) -> list[Snapshot]:
         """The snapshots of other VMs this VM descends from (it is a clone, or recovered under a new name)."""
@@ -171,7 +171,7 @@ class Session:
                 self._guard(lambda c=c: self._stream_disk(daemon, pool, c, header.resume.get(c.target, 0), bar))
             self._guard(self.writer.trailer)
         self._guard(lambda: self.reader.expect(Ok))
-        self._held = ReceiverHello(snapshots=self.held.snapshots, partial=None)
+        self._held = ReceiverHello(snapshots=self.held.snapshots, partial=None, pruned=self.held.pruned)
         self.sent_ids.add(snap.id)
         return Sent(id=snap.id, name=snap.name, base=step.base, bytes_changed=sum(c.bytes_changed for c in changes),
                     bytes_sent=self.writer.bytes_written - sent_before, seconds=time.monotonic() - started,

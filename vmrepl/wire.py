@@ -28,7 +28,7 @@ from .errors import ProtocolError, UsageError
 from .names import safe_name
 
 MAGIC = b"\x89VMREPL\n"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Hard limits: the reader refuses anything larger before allocating for it.
 MAX_DATA = 4 << 20                  # uncompressed bytes in one DATA frame
@@ -111,9 +111,11 @@ class Partial:
 
 @dataclass(frozen=True)
 class ReceiverHello:
-    """Receiver -> sender, first frame: what the receiver holds of the VM named in the hello."""
+    """Receiver -> sender, first frame: what the receiver holds of the VM named in the hello, and
+    which of its snapshots were pruned there (not to be sent again unless asked for by name)."""
     snapshots: tuple[HeldSnapshot, ...] = ()
     partial: Partial | None = None
+    pruned: tuple[str, ...] = ()
     version: int = PROTOCOL_VERSION
 
 
@@ -363,7 +365,8 @@ def _parse_receiver_hello(f: _Fields) -> ReceiverHello:
         p = _Fields("RECEIVER_HELLO partial", raw)
         partial = Partial(snapshot=p.name("snapshot"), base=p.name("base", optional=True), disks=p.offsets("disks"))
         p.done()
-    return ReceiverHello(snapshots=tuple(held), partial=partial, version=version)
+    pruned = tuple(_name("RECEIVER_HELLO", "pruned", s) for s in f.items("pruned", MAX_HELD))
+    return ReceiverHello(snapshots=tuple(held), partial=partial, pruned=pruned, version=version)
 
 
 def _parse_snapshot(f: _Fields) -> SnapshotHeader:
@@ -453,7 +456,8 @@ def _encode_body(message: Message) -> dict:
             return {"version": message.version,
                     "snapshots": [{"id": s.id, "parent": s.parent, "created_ns": s.created_ns,
                                    "generation": s.generation} for s in message.snapshots],
-                    "partial": None if p is None else {"snapshot": p.snapshot, "base": p.base, "disks": p.disks}}
+                    "partial": None if p is None else {"snapshot": p.snapshot, "base": p.base, "disks": p.disks},
+                    "pruned": list(message.pruned)}
         case SnapshotHeader():
             h = message
             return {"id": h.id, "name": h.name, "parent": h.parent, "base": h.base, "created_ns": h.created_ns,

@@ -38,7 +38,8 @@ def held(dst: Path, src: Source) -> list[int]:
     """The snapshots the destination's catalog holds (numbers k of ids `sK`)."""
     db = sqlite3.connect(dst / "catalog.sqlite")
     try:
-        return sorted(int(r[0][1:]) for r in db.execute("SELECT id FROM snapshots WHERE vm_uuid = ?", (src.vm_uuid,)))
+        return sorted(int(r[0][1:]) for r in db.execute("SELECT id FROM snapshots WHERE vm_uuid = ? AND held",
+                                                        (src.vm_uuid,)))
     finally:
         db.close()
 

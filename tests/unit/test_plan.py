@@ -170,6 +170,14 @@ def test_want_already_held_is_a_skip_step() -> None:
     assert steps[0].reason == "already held by the destination"
 
 
+def test_snapshots_pruned_on_the_destination_are_sent_again_only_by_name() -> None:
+    lineage = chain(("g1", 1), ("g2", 2), ("g3", 3), ("g4", 4))
+    held = holding(lineage, "g1", "g3")  # g2 was pruned there
+    assert triples(plan(lineage, held, pruned={"g2"})) == [("g4", "g3", "g3", None)]
+    assert triples(plan(lineage, held, want=["g2"], pruned={"g2"})) == [("g2", "g1", "g1", "g3")]
+    assert triples(plan(lineage, held)) == [("g2", "g1", "g1", "g3"), ("g4", "g3", "g3", None)]
+
+
 def test_nothing_to_send() -> None:
     lineage = chain(("g1", 1))
     assert plan(lineage, holding(lineage, "g1")) == []

@@ -61,7 +61,7 @@ def control_frame(frame_type: int, body: bytes) -> bytes:
 
 
 def hello_frame() -> bytes:
-    return control_frame(wire.T_HELLO, json.dumps({"version": 1, "vm_uuid": VM, "vm_name": "web"}).encode())
+    return control_frame(wire.T_HELLO, json.dumps({"version": wire.PROTOCOL_VERSION, "vm_uuid": VM, "vm_name": "web"}).encode())
 
 
 def refuse(raw: bytes, match: str) -> None:
@@ -100,7 +100,7 @@ def test_writer_and_reader_agree_on_digests() -> None:
 def test_receiver_messages_round_trip() -> None:
     messages = [
         ReceiverHello(snapshots=(HeldSnapshot("a1", None, 5, 1), HeldSnapshot("a2", "a1", 9, 2)),
-                      partial=Partial(snapshot="a3", base="a2", disks={"vda": 1 << 20, "vdb": 0})),
+                      partial=Partial(snapshot="a3", base="a2", disks={"vda": 1 << 20, "vdb": 0}), pruned=("a0",)),
         Ok(snapshot="a3"),
         VerifyReply(digests={"a1": {"vda": "00ff" * 8}, "a9": None}),
         Error(message="no space left on device", kind="NoSpaceError"),
@@ -190,8 +190,9 @@ def test_checksum_mismatch_names_offset_and_disk() -> None:
 
 def test_bad_magic_and_version_are_refused() -> None:
     refuse(b"SSH-2.0-OpenSSH_9.2\r\n" + b"\0" * 64, "not a vmrepl stream")
-    newer = control_frame(wire.T_HELLO, json.dumps({"version": 2, "vm_uuid": VM, "vm_name": "w"}).encode())
-    refuse(MAGIC + newer, "protocol version 2 is not supported")
+    newer = wire.PROTOCOL_VERSION + 1
+    frame = control_frame(wire.T_HELLO, json.dumps({"version": newer, "vm_uuid": VM, "vm_name": "w"}).encode())
+    refuse(MAGIC + frame, f"protocol version {newer} is not supported")
 
 
 def test_order_rules() -> None:
@@ -223,9 +224,10 @@ def test_unsafe_names_are_refused() -> None:
     for bad in ("../etc", "a/b", "/abs", ".hidden", ""):
         with pytest.raises(ProtocolError, match="not a safe name"):
             FrameWriter(io.BytesIO()).write(SnapshotHeader(**{**HEADER.__dict__, "name": bad}))
-        body = json.dumps({"version": 1, "snapshots": [{"id": bad, "parent": None, "created_ns": 1,
-                                                         "generation": 1}], "partial": None}).encode()
-        refuse(MAGIC + control_frame(wire.T_RECEIVER_HELLO, body), "not a safe name")
+        for held, pruned in (([{"id": bad, "parent": None, "created_ns": 1, "generation": 1}], []), ([], [bad])):
+            body = json.dumps({"version": wire.PROTOCOL_VERSION, "snapshots": held, "partial": None,
+                               "pruned": pruned}).encode()
+            refuse(MAGIC + control_frame(wire.T_RECEIVER_HELLO, body), "not a safe name")
 
 
 def test_strict_json() -> None:

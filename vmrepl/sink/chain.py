@@ -1,6 +1,6 @@
 """Chain surgery on the destination: keep each disk's layers a single line, each cluster stored once.
 
-Two operations, both bounded by the clusters a layer holds of its own, never by the chain's length:
+Three operations, each bounded by the clusters layers hold of their own, never by the chain's length:
 
 - `DeltaFilter` drops the clusters of a received DATA frame that the base chain already reads
   identically (the source wrote them, but with the same bytes), so the new layer stores only changes.
@@ -10,6 +10,9 @@ Two operations, both bounded by the clusters a layer holds of its own, never by 
   there wherever N's chain reads something else; elsewhere both read B. So Y' reads exactly as Y and
   stores only what differs from N. Y' is written to a hidden file, fsynced and renamed over Y's layer
   (layers above keep their backing name), then the directory is fsynced.
+
+- `rebuild_without` takes a pruned snapshot X out of the line (sink/prune.py): the layer Y standing on
+  X's is rebuilt onto X's backing the same way, over the clusters Y or X holds of its own.
 
 The receiver leaves a marker (sink/store.py) before S's catalog row; a crash at any step leaves every
 chain readable, and the next session finds the marker and finishes (docs/FORMAT.md, "Inserting").
@@ -34,7 +37,7 @@ from ..catalog import Layer, Snapshot
 from ..errors import SinkError, VmreplError
 from ..extents import MAX_PIECE, Extent, split, union
 from ..qemu import img
-from ..qemu.storage_daemon import StorageDaemon, pread
+from ..qemu.storage_daemon import Export, StorageDaemon, pread
 from ..state import fsync_dir
 from .layer import LayerWriter
 
@@ -178,21 +181,46 @@ def rebase_pairs(upper: Snapshot, lower: Snapshot) -> list[tuple[Layer, Layer]]:
 
 def rebuild_onto(daemon: StorageDaemon, upper: Path, lower: Path, virtual_size: int, *,
                  snapshot: str = "", target: str = "") -> Rebuilt:
-    """Replace `upper` (backed by X) with a layer backed by `lower` (also backed by X) that reads the same."""
-    started = time.perf_counter()
-    temp = upper.with_name(f".{upper.name}.rebased")
-    temp.unlink(missing_ok=True)  # left by a crash between its commit and the rename below
-    ranges = union(own_clusters(upper), own_clusters(lower))
-    examined = kept = 0
+    """Replace `upper` (backed by X) with a layer backed by `lower` (also backed by X) that reads the
+    same: `lower` is inserted below it. The two can differ only where either holds clusters itself."""
     shared = backing_of(upper)  # both layers stand on it: open its chain once, for all three nodes
     with contextlib.ExitStack() as stack:
         node = stack.enter_context(daemon.reader(shared)).node if shared else None
         mine = stack.enter_context(daemon.reader(upper, backing=shared is not None, backing_node=node))
         theirs = stack.enter_context(daemon.reader(lower, backing=shared is not None, backing_node=node))
-        writer = stack.enter_context(LayerWriter(temp, backing=lower, virtual_size=virtual_size, daemon=daemon,
-                                                 backing_node=theirs.node))
-        for piece in split(Extent(e.offset, e.length) for e in ranges):
-            ours, below = pread(mine.nbd, piece.offset, piece.length), pread(theirs.nbd, piece.offset, piece.length)
+        ranges = union(own_clusters(upper), own_clusters(lower))
+        return _rewrite(daemon, upper, ranges, mine, theirs, lower, virtual_size, snapshot, target)
+
+
+def rebuild_without(daemon: StorageDaemon, upper: Path, gone: Path, virtual_size: int, *,
+                    snapshot: str = "", target: str = "") -> Rebuilt:
+    """Replace `upper` (backed by `gone`) with a layer backed by `gone`'s backing file (none at the
+    bottom) that reads the same: `gone` leaves the chain. The new backing reads differently from
+    `upper` only where `upper` or `gone` holds clusters itself."""
+    below = backing_of(gone)
+    with contextlib.ExitStack() as stack:
+        theirs = stack.enter_context(daemon.reader(below)) if below else None
+        mine = stack.enter_context(daemon.reader(upper))
+        ranges = union(own_clusters(upper), own_clusters(gone))
+        return _rewrite(daemon, upper, ranges, mine, theirs, below, virtual_size, snapshot, target)
+
+
+def _rewrite(daemon: StorageDaemon, upper: Path, ranges: list[Extent], mine: Export, theirs: Export | None,
+             backing: Path | None, virtual_size: int, snapshot: str, target: str) -> Rebuilt:
+    """Write a layer over `backing` (read through `theirs`) that holds, within `ranges`, what `mine`
+    reads wherever `theirs` reads something else; fsync it and rename it over `upper`."""
+    started = time.perf_counter()
+    temp = upper.with_name(f".{upper.name}.rebased")
+    temp.unlink(missing_ok=True)  # left by a crash between its commit and the rename below
+    below_size = theirs.nbd.get_size() if theirs else 0
+    examined = kept = 0
+    with LayerWriter(temp, backing=backing, virtual_size=virtual_size, daemon=daemon,
+                     backing_node=theirs.node if theirs else None) as writer:
+        clipped = (Extent(e.offset, min(e.length, virtual_size - e.offset)) for e in ranges if e.offset < virtual_size)
+        for piece in split(clipped):
+            ours = pread(mine.nbd, piece.offset, piece.length)
+            inside = max(0, min(piece.length, below_size - piece.offset))  # a grown disk reads zeros past the backing
+            below = (pread(theirs.nbd, piece.offset, inside) if theirs and inside else b"") + bytes(piece.length - inside)
             examined += piece.length
             for start, end, zero in differing_runs(piece.offset, ours, below):
                 store_piece(writer, piece.offset + start, end - start if zero else ours[start:end])

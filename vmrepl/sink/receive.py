@@ -94,7 +94,7 @@ class _Session:
         held = self.store.held(self.vm_uuid)
         self.writer.write(ReceiverHello(
             snapshots=tuple(HeldSnapshot(s.id, s.parent, s.created_ns, s.generation) for s in held),
-            partial=self._partial()))
+            partial=self._partial(), pruned=self.store.pruned(self.vm_uuid)))
         while True:
             message = self.reader.read()
             if isinstance(message, SnapshotHeader):
@@ -127,7 +127,8 @@ class _Session:
 
     def _receive(self, header: SnapshotHeader) -> None:
         catalog = self.store.catalog
-        if catalog.find_snapshot(header.id) is not None:
+        known = catalog.find_snapshot(header.id)
+        if known is not None and known.held:
             self._discard(header)  # a second copy (e.g. two senders raced): a no-op, still checked
             return
         base = catalog.find_snapshot(header.base) if header.base else None

@@ -53,6 +53,12 @@ class Store:
     def held(self, vm_uuid: str) -> list[Snapshot]:
         return self.catalog.snapshots(vm_uuid) if self.catalog.vm_uuid(vm_uuid) else []
 
+    def pruned(self, vm_uuid: str) -> tuple[str, ...]:
+        """Ids of the VM's snapshots pruned here (ghost rows): senders do not send them again."""
+        if not self.catalog.vm_uuid(vm_uuid):
+            return ()
+        return tuple(s.id for s in self.catalog.snapshots(vm_uuid, ghosts=True) if not s.held)
+
     # --- progress of partial transfers ------------------------------------------------------------
 
     def _progress_path(self, vm_uuid: str, snapshot_id: str) -> Path:

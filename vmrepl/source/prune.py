@@ -33,7 +33,7 @@ def plan_prune(catalog: Catalog, vm_uuid: str, keep: set[str], others: set[str])
     protected |= {a: "an anchor: a destination's next delta is based on it" for a in catalog.anchors(vm_uuid)}
     for s in snaps:
         if s.origin != "local":
-            protected.setdefault(s.id, "received here: pruning received snapshots is not supported yet")
+            protected.setdefault(s.id, "received here; a VM with snapshots taken here prunes only those")
         elif any(d.image in others for d in s.disks):
             protected.setdefault(s.id, "another domain's disk (a linked clone) stands on its layer")
     gone, kept_why = [], {}
