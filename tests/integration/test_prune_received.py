@@ -156,3 +156,21 @@ def test_a_sender_does_not_send_pruned_snapshots_again(make_vm, second_host, src
     assert [(r["id"], r["position"]) for r in result] == [(ids[1], "insert")]  # asked for by name
     assert [s["id"] for s in listing(run_vmrepl, dst_state, vm)] == [ids[1], ids[3], ids[4]]
     assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
+
+
+def test_a_disk_that_grew_after_the_pruned_snapshot(work_dir: Path, daemon: StorageDaemon) -> None:
+    src = Source(work_dir / "src")
+    src.root.mkdir()
+    src.snapshot({"vda": [(0, 2 * MiB, 0x11)]})
+    src.snapshot({"vda": [(MiB, 2 * MiB, 0x22), (7 * MiB, MiB, 0x33)]})
+    src.size *= 2  # snapshot 3's disk is twice as large, written past the old end too
+    src.snapshot({"vda": [(6 * MiB, 4 * MiB, 0x44), (12 * MiB, MiB, None)]})
+    dst = work_dir / "dst"
+    assert receive(dst, src.stream(bases_for([1, 2, 3]), daemon)).returncode == 0
+    with Catalog(dst) as catalog:
+        store = Store(dst, catalog)
+        received.prune_one(store, daemon, catalog.find_snapshot("s2"))  # 3 now stands on 1, half its size
+        assert_destination_sound(dst, src)
+        received.prune_one(store, daemon, catalog.find_snapshot("s1"))  # 3 is the whole chain
+    assert held(dst, src) == [3]
+    assert_destination_sound(dst, src)
