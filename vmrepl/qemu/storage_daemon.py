@@ -151,17 +151,17 @@ class StorageDaemon:
             raise QemuError(f"qemu-storage-daemon stopped answering during {command}: {err or type(err).__name__}",
                             hint=f"its log: {self._log_tail()}") from None
 
-    def add_image(self, path: str | os.PathLike[str], *, writable: bool = False, direct: bool = False,
+    def add_image(self, path: str | os.PathLike[str], *, writable: bool = False,
                   backing: bool = True, backing_node: str | None = None) -> str:
         """Open a qcow2 file as a block node; returns its node name.
 
         Read-only nodes take no file locks (`locking: off` and `force-share`, inherited by the backing
         chain), so they open while a VM holds the chain; their file is read through io_uring (with
         reads queued, half the daemon's CPU per read of its thread pool's), where the kernel allows.
-        Writable nodes write through io_uring too; `direct` bypasses the page cache, which suits long
-        runs of large writes (a whole disk: about twice as fast as buffered, and the final fsync finds
-        little to do), while scattered small writes (a delta) cost a third less CPU buffered. Where the
-        file system or kernel refuses either (tmpfs has no O_DIRECT), plain buffered I/O.
+        Writable nodes (new layers) write through io_uring with O_DIRECT, bypassing the page cache: a
+        whole disk goes about twice as fast as buffered and the final fsync finds little to do, and a
+        delta does not depend on the page cache finding free pages (sink/layer.py). Where the file
+        system or kernel refuses either (tmpfs has no O_DIRECT), plain buffered I/O.
         `backing=False` opens the file alone, as if it had no backing file; `backing_node` uses a node
         already open here as the backing file (it must read as the file's backing), so a deep chain is
         opened once however many layers are stacked on it.
@@ -177,7 +177,7 @@ class StorageDaemon:
             file["locking"] = "off"
             options["force-share"] = True
         fast = {**options, "file": {**file, "aio": "io_uring"}}
-        if direct:
+        if writable:
             fast["cache"] = fast["file"]["cache"] = {"direct": True}
         try:
             self.qmp("blockdev-add", **fast)

@@ -162,7 +162,7 @@ class _Session:
                     writer = stack.enter_context(
                         LayerWriter.resume(final, daemon=self.daemon, backing_node=node) if resume else
                         LayerWriter(final, backing=backing, virtual_size=disk.virtual_size, daemon=self.daemon,
-                                    keep_partial=True, backing_node=node, sequential=backing is None))
+                                    keep_partial=True, backing_node=node))
                     delta = chain.DeltaFilter(base_reader.nbd) if base_reader else None
                     self._receive_disk(header, disk.target, writer, delta, offsets)
                     writer.commit()
