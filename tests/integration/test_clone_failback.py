@@ -36,6 +36,16 @@ def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second
         (held,) = run_vmrepl("list", name, "--json", state_dir=dst_state).json()
         origin_layer = run_vmrepl("list", origin.name, "--json", state_dir=dst_state).json()[0]["disks"][0]["image"]
         assert os.path.normpath(img.info(held["disks"][0]["image"])["full-backing-filename"]) == origin_layer
+
+        # Retention on the destination keeps the origin snapshot the clone's chain stands on.
+        origin.write_random("vda", 32 * MiB, MiB)
+        run_vmrepl("snapshot", origin.name, state_dir=src_state)
+        run_vmrepl("replicate", origin.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
+        kept = run_vmrepl("prune", origin.name, "--keep", "last=0", "--json", state_dir=dst_state).json()
+        assert kept["pruned"] == []
+        assert {p["name"]: p["reason"] for p in kept["protected"]}[base["name"]] == \
+            "a linked clone's chain stands on its layer"
+        run_vmrepl("verify", name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     finally:
         remove_domain(libvirt_conn, name)
 
