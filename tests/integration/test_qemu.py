@@ -200,3 +200,11 @@ def _small_image(work_dir: Path) -> Path:
     path = work_dir / "small.qcow2"
     img.create(path, size=MiB)
     return path
+
+
+def test_a_daemon_that_dies_is_named_as_such(work_dir: Path) -> None:
+    with StorageDaemon() as d:
+        d.add_image(_small_image(work_dir))  # talking to it
+        os.kill(d.pid, signal.SIGSEGV)
+        with pytest.raises(QemuError, match=r"qemu-storage-daemon was killed by signal 11 \(SIGSEGV\) during blockdev-add"):
+            d.add_image(work_dir / "small.qcow2", writable=True)

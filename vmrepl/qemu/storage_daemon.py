@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 import nbd
-from qemu.qmp import QMPError
+from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from ..errors import ChangeTrackingError
@@ -145,11 +145,24 @@ class StorageDaemon:
         monitor = self._monitor()
         try:
             return monitor.cmd(command, **arguments)
-        except QMPError as err:
+        except ExecuteError as err:
             raise QemuError(f"qemu-storage-daemon refused {command}: {err}", hint="see QEMU's message") from None
-        except (OSError, EOFError, TimeoutError) as err:
-            raise QemuError(f"qemu-storage-daemon stopped answering during {command}: {err or type(err).__name__}",
-                            hint=f"its log: {self._log_tail()}") from None
+        except (QMPError, OSError, EOFError, TimeoutError) as err:  # QMPError here: "Disconnected" and the like
+            raise self._gone(command, err) from None
+
+    def _gone(self, command: str, err: BaseException) -> QemuError:
+        """The error for a daemon that stopped answering: how it ended, if it did, and its last words."""
+        status = None
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # its socket closes a moment before it exits
+                status = self._proc.wait(timeout=1.0)
+        if status is not None and status < 0:
+            how = f"was killed by signal {-status} ({signal.Signals(-status).name})"
+        elif status is not None:
+            how = f"exited with status {status}"
+        else:
+            how = f"stopped answering ({err or type(err).__name__})"
+        return QemuError(f"qemu-storage-daemon {how} during {command}", hint=f"its log: {self._log_tail()}")
 
     def add_image(self, path: str | os.PathLike[str], *, writable: bool = False,
                   backing: bool = True, backing_node: str | None = None) -> str:
@@ -182,6 +195,8 @@ class StorageDaemon:
         try:
             self.qmp("blockdev-add", **fast)
         except QemuError:
+            if self._proc is None or self._proc.poll() is not None:
+                raise  # the daemon died: a plain retry could only report a closed connection
             self.qmp("blockdev-add", **options)
         return node
 
