@@ -85,9 +85,9 @@ class DeltaFilter:
     (qemu-storage-daemon works on it meanwhile, in its own process), `changed` later waits for it and
     compares. Waiting for each read in turn left the receiver idle a quarter of its time."""
 
-    def __init__(self, base_reader: nbd.NBD) -> None:
-        self.h = base_reader
-        self.size = base_reader.get_size()
+    def __init__(self, base_reader: nbd.NBD | None) -> None:
+        self.h = base_reader  # None: no base at all, which reads zeros everywhere
+        self.size = base_reader.get_size() if base_reader else 0
 
     def below(self, offset: int, length: int) -> Below:
         """Start reading the base under [offset, offset + length). A disk that grew since the base
@@ -96,7 +96,7 @@ class DeltaFilter:
         inside = max(0, min(length, self.size - offset))
         view = memoryview(buf)
         cookies = [self.h.aio_pread(view[pos:min(pos + MAX_PIECE, inside)], offset + pos)
-                   for pos in range(0, inside, MAX_PIECE)]
+                   for pos in range(0, inside, MAX_PIECE)] if self.h else []
         return Below(buf, cookies)
 
     def changed(self, offset: int, data: bytes | bytearray, below: Below) -> Iterator[tuple[int, memoryview | int]]:
@@ -104,6 +104,7 @@ class DeltaFilter:
         or (offset, length) for a run of all-zero clusters, to store as zero clusters."""
         try:
             for cookie in below.cookies:
+                assert self.h is not None  # reads are only queued on a base
                 while not self.h.aio_command_completed(cookie):
                     self.h.poll(-1)
         except nbd.Error as err:
@@ -212,19 +213,17 @@ def _rewrite(daemon: StorageDaemon, upper: Path, ranges: list[Extent], mine: Exp
     started = time.perf_counter()
     temp = upper.with_name(f".{upper.name}.rebased")
     temp.unlink(missing_ok=True)  # left by a crash between its commit and the rename below
-    below_size = theirs.nbd.get_size() if theirs else 0
+    delta = DeltaFilter(theirs.nbd if theirs else None)
     examined = kept = 0
     with LayerWriter(temp, backing=backing, virtual_size=virtual_size, daemon=daemon,
                      backing_node=theirs.node if theirs else None) as writer:
         clipped = (Extent(e.offset, min(e.length, virtual_size - e.offset)) for e in ranges if e.offset < virtual_size)
         for piece in split(clipped):
             ours = pread(mine.nbd, piece.offset, piece.length)
-            inside = max(0, min(piece.length, below_size - piece.offset))  # a grown disk reads zeros past the backing
-            below = (pread(theirs.nbd, piece.offset, inside) if theirs and inside else b"") + bytes(piece.length - inside)
             examined += piece.length
-            for start, end, zero in differing_runs(piece.offset, ours, below):
-                store_piece(writer, piece.offset + start, end - start if zero else ours[start:end])
-                kept += end - start
+            for offset, part in delta.changed(piece.offset, ours, delta.below(piece.offset, piece.length)):
+                store_piece(writer, offset, part)
+                kept += part if isinstance(part, int) else len(part)
         crash_point("rebuild-written")
         writer.commit()
     crash_point("rebuild-committed")

@@ -90,8 +90,7 @@ class LayerWriter:
                 self.partial_path.unlink(missing_ok=True)  # a stale partial nobody asked to resume
                 backing = None if self.backing is None else os.path.relpath(self.backing, self.final_path.parent)
                 img.create(self.partial_path, size=self.virtual_size, backing=backing)
-            self._node = self._daemon.add_image(self.partial_path, writable=True,
-                                                backing_node=self.backing_node)
+            self._node = self._daemon.add_image(self.partial_path, writable=True, backing_node=self.backing_node)
             self._export = self._daemon.export(self._node, writable=True)
             self._h = self._daemon.connect(self._export, meta_contexts=[ALLOCATION])
         except BaseException:

@@ -75,7 +75,7 @@ def prune_one(store: Store, daemon: StorageDaemon, gone: Snapshot) -> None:
     chain.crash_point("prune-rebuilt")
     store.catalog.forget(gone)
     chain.crash_point("prune-forgotten")
-    _delete_files(store, gone)
+    _delete_files(store, gone.vm_uuid, gone.id)
 
 
 def _refuse_if_stood_on(store: Store, gone: Snapshot, target: str) -> None:
@@ -90,15 +90,14 @@ def _refuse_if_stood_on(store: Store, gone: Snapshot, target: str) -> None:
 
 def sweep(store: Store, vm_uuid: str) -> None:
     """Delete the files of snapshots pruned here that a crash left behind."""
-    for ghost in store.catalog.snapshots(vm_uuid, ghosts=True):
-        if not ghost.held:
-            _delete_files(store, ghost)
+    for snapshot_id in store.pruned(vm_uuid):
+        _delete_files(store, vm_uuid, snapshot_id)
 
 
-def _delete_files(store: Store, snap: Snapshot) -> None:
-    disks = store.vm_dir(snap.vm_uuid) / "disks"
-    doomed = [*disks.glob(f"*/{snap.id}.qcow2")] if disks.is_dir() else []
-    doomed.append(store.vm_dir(snap.vm_uuid) / "definitions" / f"{snap.id}.xml")
+def _delete_files(store: Store, vm_uuid: str, snapshot_id: str) -> None:
+    disks = store.vm_dir(vm_uuid) / "disks"
+    doomed = [*disks.glob(f"*/{snapshot_id}.qcow2")] if disks.is_dir() else []
+    doomed.append(store.vm_dir(vm_uuid) / "definitions" / f"{snapshot_id}.xml")
     for path in doomed:
         if path.exists():
             os.unlink(path)

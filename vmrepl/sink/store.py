@@ -55,9 +55,7 @@ class Store:
 
     def pruned(self, vm_uuid: str) -> tuple[str, ...]:
         """Ids of the VM's snapshots pruned here (ghost rows): senders do not send them again."""
-        if not self.catalog.vm_uuid(vm_uuid):
-            return ()
-        return tuple(s.id for s in self.catalog.snapshots(vm_uuid, ghosts=True) if not s.held)
+        return tuple(self.catalog.ghost_ids(vm_uuid))
 
     # --- progress of partial transfers ------------------------------------------------------------
 
