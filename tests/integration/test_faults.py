@@ -442,10 +442,13 @@ def test_concurrent_replicates_of_one_vm(rig: Rig) -> None:
     first = rig.start_replicate(*SLOW)
     try:
         rig.receiver()
+        log_before = rig.host.log_file.read_text()
         started = time.monotonic()
         second = rig.replicate(check=False)
         assert time.monotonic() - started < 5, "the second run waited instead of failing at once"
         assert_one_line(second, LOCKED)
+        time.sleep(1)  # sshd logs a connection (accepted, or closed before authentication) when it ends
+        assert rig.host.log_file.read_text() == log_before, "the refused run still connected to the destination"
         out, err = first.communicate(timeout=60)
     finally:
         first.kill()

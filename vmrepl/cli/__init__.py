@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -11,12 +12,33 @@ import click
 
 from .. import __version__
 from ..errors import VmreplError
-from . import (changes_cmd, clone_cmd, hook_event_cmd, list_cmd, metrics_cmd, prune_cmd, receive_cmd, recover_cmd, replicate_cmd,
-               snapshot_cmd, status_cmd, verify_cmd)
 from .common import Env, global_options
 
+# command name -> "module:function"; a run imports only its own command's module (and what that
+# needs), so `replicate` starts its ssh connect, and `receive` answers, sooner.
+COMMANDS = {
+    "snapshot": "snapshot_cmd:snapshot", "list": "list_cmd:list_", "changes": "changes_cmd:changes",
+    "replicate": "replicate_cmd:replicate", "receive": "receive_cmd:receive", "verify": "verify_cmd:verify",
+    "clone": "clone_cmd:clone", "recover": "recover_cmd:recover", "status": "status_cmd:status",
+    "metrics": "metrics_cmd:metrics", "prune": "prune_cmd:prune", "hook-event": "hook_event_cmd:hook_event",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported when named (click's documented lazy-loading pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, function = COMMANDS[cmd_name].split(":")
+        command: click.Command = getattr(importlib.import_module(f".{module}", __name__), function)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="vmrepl")
 @global_options(connect=True)
 @click.pass_context
@@ -26,12 +48,6 @@ def cli(ctx: click.Context) -> None:
     logging.basicConfig(level=logging.DEBUG if env.debug else logging.WARNING,
                         format="vmrepl: %(levelname)s: %(message)s")
 
-
-for command in (snapshot_cmd.snapshot, list_cmd.list_, changes_cmd.changes, replicate_cmd.replicate,
-                receive_cmd.receive, verify_cmd.verify, clone_cmd.clone, recover_cmd.recover, status_cmd.status,
-                metrics_cmd.metrics, prune_cmd.prune,
-                hook_event_cmd.hook_event):
-    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> None:

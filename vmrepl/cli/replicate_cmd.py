@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import click
@@ -22,47 +23,48 @@ from .common import Env, catalog_vm, connection_options, format_table, global_op
 def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, latest_first: bool,  # type: ignore[no-untyped-def]
               dry_run: bool) -> None:
     """Send VM's snapshots that the destination lacks, each as a delta on the youngest shared one."""
+    from ..state import vm_lock
     from ..transport import Opening, parse_destination
 
     if snapshot_ref and send_all:
         raise UsageError("--snapshot and --all exclude each other")
     host = str(parse_destination(ssh.destination))
-    opening = Opening(ssh)  # connect while the rest is imported and the catalog read
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .. import plan as planner
-    from ..qemu.storage_daemon import StorageDaemon
-    from ..replicate import WORKERS, Session
-    from ..state import vm_lock
-
-    with env.catalog() as catalog:
+    with env.catalog() as catalog, contextlib.ExitStack() as held:
         uuid = catalog_vm(catalog, vm)
         want = [catalog.snapshot(uuid, snapshot_ref).id] if snapshot_ref else None
-        with vm_lock(env.state_dir, uuid), Session(catalog, uuid, ssh, opening=opening) as session:
-            if dry_run:
-                steps = session.plan(want=want, latest_first=latest_first)
-                names = {s.id: s.name for s in catalog.snapshots(uuid, ghosts=True)}
-                env.emit([planner.as_json(s) for s in steps], lambda: planner.render(steps, names))
-                return
-            results = []
-            with StorageDaemon() as daemon, ThreadPoolExecutor(WORKERS) as pool:
-                session.prefetch(daemon)  # while the destination starts
-                steps = session.plan(want=want, latest_first=latest_first)
-                try:
-                    for step in steps:
-                        if step.skip:
-                            continue
-                        sent = session.send(step, daemon, pool)
-                        for note in sent.notes:
-                            click.echo(f"vmrepl: warning: {note}", err=True)
-                        results.append(sent)
-                except VmreplError as err:
-                    catalog.record_target(uuid, host, anchor=_anchor(catalog, uuid, session),
-                                          result=f"failed: {err}", run_ns=time.time_ns())
-                    raise
-            catalog.record_target(uuid, host, anchor=_anchor(catalog, uuid, session), result="ok",
-                                  run_ns=time.time_ns())
+        held.enter_context(vm_lock(env.state_dir, uuid))  # a busy VM fails here, before any network traffic
+        opening = Opening(ssh)  # connect while the rest is imported
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .. import plan as planner
+        from ..qemu.storage_daemon import StorageDaemon
+        from ..replicate import WORKERS, Session
+
+        session = held.enter_context(Session(catalog, uuid, ssh, opening=opening))
+        if dry_run:
+            steps = session.plan(want=want, latest_first=latest_first)
+            names = {s.id: s.name for s in catalog.snapshots(uuid, ghosts=True)}
+            env.emit([planner.as_json(s) for s in steps], lambda: planner.render(steps, names))
+            return
+        results = []
+        with StorageDaemon() as daemon, ThreadPoolExecutor(WORKERS) as pool:
+            session.prefetch(daemon)  # while the destination starts
+            steps = session.plan(want=want, latest_first=latest_first)
+            try:
+                for step in steps:
+                    if step.skip:
+                        continue
+                    sent = session.send(step, daemon, pool)
+                    for note in sent.notes:
+                        click.echo(f"vmrepl: warning: {note}", err=True)
+                    results.append(sent)
+            except VmreplError as err:
+                catalog.record_target(uuid, host, anchor=_anchor(catalog, uuid, session),
+                                      result=f"failed: {err}", run_ns=time.time_ns())
+                raise
+        catalog.record_target(uuid, host, anchor=_anchor(catalog, uuid, session), result="ok",
+                              run_ns=time.time_ns())
 
     def text() -> str:
         if not results:
