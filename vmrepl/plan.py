@@ -207,8 +207,10 @@ class _Lineage:
             parent = known.parent if known is not None else None
 
 
-def render(steps: Sequence[Step], names: Mapping[str, str] | None = None) -> str:
-    """The plan as `vmrepl replicate --dry-run` prints it; `names` shows snapshots by name, not id."""
+def render(steps: Sequence[Step], names: Mapping[str, str] | None = None,
+           sizes: Mapping[str, tuple[int, bool]] | None = None) -> str:
+    """The plan as `vmrepl replicate --dry-run` prints it; `names` shows snapshots by name, not id;
+    `sizes` adds each step's changed bytes (and whether change tracking could tell, see `as_json`)."""
     if not steps:
         return "nothing to send: the destination holds every snapshot"
     label = (lambda sid: names.get(sid, sid)) if names else (lambda sid: sid)
@@ -218,11 +220,21 @@ def render(steps: Sequence[Step], names: Mapping[str, str] | None = None) -> str
             lines.append(f"{n}. skip {label(step.snapshot)}: {step.reason}")
             continue
         source = f"delta from {label(step.base)}" if step.base else "full"
-        lines.append(f"{n}. send {label(step.snapshot)} ({source}, {step.position})")
+        size = ""
+        if sizes and step.snapshot in sizes:
+            changed, tracked = sizes[step.snapshot]
+            size = f": {'' if tracked else 'at most '}{changed / 1e6:,.1f} MB changed"
+        lines.append(f"{n}. send {label(step.snapshot)} ({source}, {step.position}){size}")
         lines.append(f"   {step.reason}")
     return "\n".join(lines)
 
 
-def as_json(step: Step) -> dict:
-    return {"id": step.snapshot, "base": step.base, "position": step.position,
-            "after": step.after, "before": step.before, "reason": step.reason}
+def as_json(step: Step, size: tuple[int, bool] | None = None) -> dict:
+    """One step as JSON; with `size`, `bytes_changed` as `replicate` will count it and `tracked`: false
+    when change tracking cannot tell (bytes_changed is then all the data the snapshot holds, and the
+    send compares digests with the destination to send only the blocks that differ)."""
+    out = {"id": step.snapshot, "base": step.base, "position": step.position,
+           "after": step.after, "before": step.before, "reason": step.reason}
+    if size is not None:
+        out["bytes_changed"], out["tracked"] = size
+    return out

@@ -191,14 +191,30 @@ class Session:
                 self._prefetched[(base.id, own[-1].id, disk.target)] = disk_changes(
                     self.catalog, daemon, base, own[-1], disk.target)
 
+    def estimate(self, step: planner.Step, daemon: StorageDaemon) -> tuple[int, bool]:
+        """What `send(step)` would count as changed, from change tracking alone (no data is read), and
+        whether tracking could tell: if not, all the data the snapshot holds, of which the digest
+        comparison at send time keeps only what differs."""
+        snap = self.catalog.find_snapshot(step.snapshot)
+        base = self.catalog.find_snapshot(step.base) if step.base else None
+        assert snap is not None
+        found = [self._tracked_changes(daemon, base, snap, d.target) for d in snap.disks]
+        return sum(c.bytes_changed for c, _ in found), all(tracked for _, tracked in found)
+
     def _changes(self, daemon: StorageDaemon, base: Snapshot | None, snap: Snapshot, target: str) -> DiskChanges:
+        changes, tracked = self._tracked_changes(daemon, base, snap, target)
+        return changes if tracked or base is None else self._differing_blocks(daemon, base, changes)
+
+    def _tracked_changes(self, daemon: StorageDaemon, base: Snapshot | None, snap: Snapshot,
+                         target: str) -> tuple[DiskChanges, bool]:
+        """The changes since `base` as tracking gives them; (all the data `snap` holds, False) when
+        tracking cannot tell."""
         if base and (found := self._prefetched.pop((base.id, snap.id, target), None)):
-            return found
+            return found, True
         try:
-            return disk_changes(self.catalog, daemon, base, snap, target)
+            return disk_changes(self.catalog, daemon, base, snap, target), True
         except ChangeTrackingError as err:
-            full = full_disk_changes(daemon, snap, target, reason=str(err))
-            return self._differing_blocks(daemon, base, full) if base else full
+            return full_disk_changes(daemon, snap, target, reason=str(err)), base is None
 
     def _differing_blocks(self, daemon: StorageDaemon, base: Snapshot, full: DiskChanges) -> DiskChanges:
         """Tracking cannot say what changed since `base` (invariant 7): compare digests of the blocks that

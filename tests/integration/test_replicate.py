@@ -102,11 +102,12 @@ def test_shut_off_vm_and_dry_run(make_vm, second_host, src_state, dst_state, run
     second = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
     plan = json.loads(run_vmrepl("replicate", vm.name, "--json", "--dry-run",
                                  *second_host.vmrepl_args(dst_state), state_dir=src_state).stdout)
-    assert [(p["id"], p["base"], p["position"]) for p in plan] == \
-        [(first["id"], None, "append"), (second["id"], first["id"], "append")]
+    assert [(p["id"], p["base"], p["position"], p["tracked"]) for p in plan] == \
+        [(first["id"], None, "append", True), (second["id"], first["id"], "append", True)]
     assert run_vmrepl("list", vm.name, state_dir=dst_state, check=False).returncode == 1  # a dry run sends nothing
     result = replicate(run_vmrepl, second_host, src_state, dst_state, vm)
     assert [r["id"] for r in result] == [first["id"], second["id"]]
+    assert [p["bytes_changed"] for p in plan] == [r["bytes_changed"] for r in result] == [MiB, 65536]  # the estimate
     assert result[1]["bytes_sent"] < 20 * 1024  # 64 KiB of a repeated byte, compressed
     assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
     definition = dst_state / "vms" / vm.uuid / "definitions" / f"{second['id']}.xml"
@@ -147,6 +148,9 @@ def test_a_chain_rewritten_behind_vmrepls_back_costs_only_the_differing_blocks(
     vm.shutoff()
     subprocess.run(["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(vm.current_image("vda"))], check=True)
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
+    (plan,) = json.loads(run_vmrepl("replicate", vm.name, "--json", "--dry-run", *second_host.vmrepl_args(dst_state),
+                                    state_dir=src_state).stdout)
+    assert not plan["tracked"] and plan["bytes_changed"] >= 9 * MiB, plan  # at most all the data it holds
     result = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state)
     assert "is no longer below" in result.stderr and "sending the 1 that differ" in result.stderr, result.stderr
     (sent,) = json.loads(result.stdout)

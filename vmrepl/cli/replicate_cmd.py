@@ -43,9 +43,12 @@ def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, 
 
         session = held.enter_context(Session(catalog, uuid, ssh, opening=opening))
         if dry_run:
-            steps = session.plan(want=want, latest_first=latest_first)
+            with StorageDaemon() as daemon:
+                steps = session.plan(want=want, latest_first=latest_first)
+                sizes = {s.snapshot: session.estimate(s, daemon) for s in steps if not s.skip}
             names = {s.id: s.name for s in catalog.snapshots(uuid, ghosts=True)}
-            env.emit([planner.as_json(s) for s in steps], lambda: planner.render(steps, names))
+            env.emit([planner.as_json(s, sizes.get(s.snapshot)) for s in steps],
+                     lambda: planner.render(steps, names, sizes))
             return
         results = []
         with StorageDaemon() as daemon, ThreadPoolExecutor(WORKERS) as pool:
