@@ -196,10 +196,12 @@ class Catalog:
                 [(snap.id, d.target, d.image, d.virtual_size, d.tracking) for d in snap.disks],
             )
 
-    def ghost_ids(self, vm_uuid: str) -> list[str]:
-        """Ids of the VM's snapshots pruned here (one query: the receiver lists them in every hello)."""
+    def ghost_ids(self, vm_uuid: str, *, since_generation: int = 0) -> list[str]:
+        """Ids of the VM's snapshots pruned here, of generation `since_generation` or younger (one query:
+        the receiver lists them in every hello)."""
         return [r[0] for r in self.db.execute(
-            "SELECT id FROM snapshots WHERE vm_uuid = ? AND NOT held ORDER BY generation, created_ns", (vm_uuid,))]
+            "SELECT id FROM snapshots WHERE vm_uuid = ? AND NOT held AND generation >= ? ORDER BY generation, created_ns",
+            (vm_uuid, since_generation))]
 
     def snapshots(self, vm_uuid: str, *, ghosts: bool = False) -> list[Snapshot]:
         """The VM's snapshots held here (with `ghosts`, pruned ones too), oldest first (by generation,

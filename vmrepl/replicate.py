@@ -86,7 +86,9 @@ class Session:
             self.conn = self._opening.result()
             self.writer = FrameWriter(self.conn.writer)
             self.reader = FrameReader(self.conn.reader, peer="destination")
-            self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name)))
+            # Only snapshots held here can be sent: ghosts older than these need not be listed.
+            oldest = min((s.generation for s in self.catalog.snapshots(self.vm_uuid)), default=0)
+            self._guard(lambda: self.writer.write(Hello(self.vm_uuid, self.vm_name, since_generation=oldest)))
             self._held = self._guard(lambda: self.reader.expect(ReceiverHello))
         return self._held
 

@@ -28,7 +28,7 @@ from .errors import ProtocolError, UsageError
 from .names import safe_name
 
 MAGIC = b"\x89VMREPL\n"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Hard limits: the reader refuses anything larger before allocating for it.
 MAX_DATA = 4 << 20                  # uncompressed bytes in one DATA frame
@@ -86,9 +86,12 @@ _TRAILER = struct.Struct(">B16sQ")         # ... then xxh3_64 of _TRAILER_HEAD
 
 @dataclass(frozen=True)
 class Hello:
-    """Sender -> receiver, first frame: which VM this session is about."""
+    """Sender -> receiver, first frame: which VM this session is about. `since_generation`: the oldest
+    generation the sender still holds of it, so the receiver lists only the ghosts the sender could
+    still send (their number then follows the source's retention, not the destination's history)."""
     vm_uuid: str
     vm_name: str
+    since_generation: int = 0
     version: int = PROTOCOL_VERSION
 
 
@@ -340,19 +343,29 @@ def _hex(frame: str, key: str, value: Any) -> str:
     return value
 
 
-def _parse_hello(f: _Fields) -> Hello:
+def _version(f: _Fields) -> int:
+    """A hello's version, checked before any other field: other versions have other fields."""
     version = f.integer("version")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported (this vmrepl speaks "
+                            f"{PROTOCOL_VERSION})", hint="install the same vmrepl version on both hosts")
+    return version
+
+
+def _parse_hello(f: _Fields) -> Hello:
+    version = _version(f)
     vm_uuid = f.string("vm_uuid", 36)
     try:
         if str(uuid.UUID(vm_uuid)) != vm_uuid:
             raise ValueError
     except ValueError:
         raise _fail(f"HELLO field 'vm_uuid' is not a lowercase UUID: {vm_uuid!r}") from None
-    return Hello(vm_uuid=vm_uuid, vm_name=_text("HELLO", "vm_name", f.string("vm_name")), version=version)
+    return Hello(vm_uuid=vm_uuid, vm_name=_text("HELLO", "vm_name", f.string("vm_name")),
+                 since_generation=f.integer("since_generation"), version=version)
 
 
 def _parse_receiver_hello(f: _Fields) -> ReceiverHello:
-    version = f.integer("version")
+    version = _version(f)
     held = []
     for item in f.items("snapshots", MAX_HELD):
         s = _Fields("RECEIVER_HELLO snapshot", item)
@@ -450,7 +463,8 @@ def _parse_end(f: _Fields) -> End:
 def _encode_body(message: Message) -> dict:
     match message:
         case Hello():
-            return {"version": message.version, "vm_uuid": message.vm_uuid, "vm_name": message.vm_name}
+            return {"version": message.version, "vm_uuid": message.vm_uuid, "vm_name": message.vm_name,
+                    "since_generation": message.since_generation}
         case ReceiverHello():
             p = message.partial
             return {"version": message.version,
@@ -817,9 +831,6 @@ class FrameReader:
         fields = _Fields(name, _decode_json(name, body))
         message = parse(fields)
         fields.done()
-        if isinstance(message, (Hello, ReceiverHello)) and message.version != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {message.version} is not supported (this vmrepl speaks "
-                                f"{PROTOCOL_VERSION})", hint="install the same vmrepl version on both hosts")
         if isinstance(message, SnapshotHeader):
             self._snapshot = _SnapshotStream(message, body)
         elif isinstance(message, Error):

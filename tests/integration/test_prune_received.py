@@ -39,11 +39,11 @@ def files(dst: Path) -> dict[Path, int]:
     return {p: p.stat().st_ino for p in (dst / "vms").rglob("*") if p.is_file()}
 
 
-def receiver_hello(dst: Path, src: Source) -> ReceiverHello:
+def receiver_hello(dst: Path, src: Source, since_generation: int = 0) -> ReceiverHello:
     """What `vmrepl receive` tells a sender that says hello for this VM."""
     out = io.BytesIO()
     w = FrameWriter(out)
-    w.write(Hello(src.vm_uuid, "vm"))
+    w.write(Hello(src.vm_uuid, "vm", since_generation=since_generation))
     w.write(End())
     proc = receive(dst, out.getvalue())
     assert proc.returncode == 0, proc.stderr
@@ -81,6 +81,9 @@ def test_prune_keeps_the_rest_byte_for_byte_and_is_not_sent_again(work_dir: Path
 
     hello = receiver_hello(dst, source)
     assert [s.id for s in hello.snapshots] == ["s4", "s5"] and set(hello.pruned) == {"s1", "s2", "s3"}
+    # A sender that holds generations 2 and up could only send s2 and s3 again: s1 is not listed (so
+    # the hello follows the source's retention, not every snapshot ever pruned here).
+    assert set(receiver_hello(dst, source, since_generation=2).pruned) == {"s2", "s3"}
 
     # Asked for by name, a pruned snapshot arrives again, inserted below 4; it is no longer "pruned".
     proc = receive(dst, source.stream([(3, None)], daemon))

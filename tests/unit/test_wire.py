@@ -31,7 +31,7 @@ NOISE = os.urandom(4096)                                 # incompressible
 def sender_stream(header: SnapshotHeader = HEADER) -> bytes:
     out = io.BytesIO()
     w = FrameWriter(out)
-    w.write(Hello(vm_uuid=VM, vm_name="web 1"))
+    w.write(Hello(vm_uuid=VM, vm_name="web 1", since_generation=7))
     w.write(header)
     w.data(0, TEXT)
     w.zero(1 << 20, 3 << 20)
@@ -61,7 +61,8 @@ def control_frame(frame_type: int, body: bytes) -> bytes:
 
 
 def hello_frame() -> bytes:
-    return control_frame(wire.T_HELLO, json.dumps({"version": wire.PROTOCOL_VERSION, "vm_uuid": VM, "vm_name": "web"}).encode())
+    return control_frame(wire.T_HELLO, json.dumps({"version": wire.PROTOCOL_VERSION, "vm_uuid": VM, "vm_name": "web",
+                                                   "since_generation": 0}).encode())
 
 
 def refuse(raw: bytes, match: str) -> None:
@@ -73,7 +74,7 @@ def test_sender_stream_round_trips() -> None:
     messages = read_all(sender_stream())
     kinds = [type(m) for m in messages]
     assert kinds == [Hello, SnapshotHeader, Data, Zero, Data, DiskEnd, Data, DiskEnd, Trailer, VerifyRequest, End]
-    assert messages[0] == Hello(vm_uuid=VM, vm_name="web 1")
+    assert messages[0] == Hello(vm_uuid=VM, vm_name="web 1", since_generation=7)
     assert messages[1] == HEADER
     assert (messages[2].disk, messages[2].offset, bytes(messages[2].data)) == ("vda", 0, TEXT)
     assert messages[2].wire_bytes < len(TEXT) // 10           # compressed
@@ -233,11 +234,15 @@ def test_unsafe_names_are_refused() -> None:
 def test_strict_json() -> None:
     def body(text: str) -> bytes:
         return MAGIC + control_frame(wire.T_HELLO, text.encode())
-    refuse(body(f'{{"version":1,"vm_uuid":"{VM}","vm_name":"a","x":1}}'), "unknown field 'x'")
-    refuse(body(f'{{"version":1,"version":1,"vm_uuid":"{VM}","vm_name":"a"}}'), "not valid JSON")
+    v = wire.PROTOCOL_VERSION
+    refuse(body(f'{{"version":{v},"vm_uuid":"{VM}","vm_name":"a","since_generation":0,"x":1}}'), "unknown field 'x'")
+    refuse(body(f'{{"version":{v},"version":{v},"vm_uuid":"{VM}","vm_name":"a"}}'), "not valid JSON")
     refuse(body(f'{{"version":true,"vm_uuid":"{VM}","vm_name":"a"}}'), "'version' is not an integer")
-    refuse(body('{"version":1,"vm_uuid":"not-a-uuid","vm_name":"a"}'), "not a lowercase UUID")
-    refuse(body(f'{{"version":1,"vm_uuid":"{VM}","vm_name":"a\\nb"}}'), "control characters")
+    refuse(body(f'{{"version":{v},"vm_uuid":"not-a-uuid","vm_name":"a"}}'), "not a lowercase UUID")
+    refuse(body(f'{{"version":{v},"vm_uuid":"{VM}","vm_name":"a\\nb"}}'), "control characters")
+    refuse(body(f'{{"version":{v},"vm_uuid":"{VM}","vm_name":"a","since_generation":-1}}'), "'since_generation' is not")
+    # An older peer's hello lacks fields of this version: the version is what gets named.
+    refuse(body(f'{{"version":2,"vm_uuid":"{VM}","vm_name":"a"}}'), "protocol version 2 is not supported")
     refuse(body("[1]"), "not an object")
 
 

@@ -87,14 +87,14 @@ class _Session:
     def __init__(self, reader: FrameReader, writer: FrameWriter, store: Store, daemon: StorageDaemon,
                  hello: Hello) -> None:
         self.reader, self.writer, self.store, self.daemon = reader, writer, store, daemon
-        self.vm_uuid, self.vm_name = hello.vm_uuid, hello.vm_name
+        self.vm_uuid, self.vm_name, self.since_generation = hello.vm_uuid, hello.vm_name, hello.since_generation
 
     def run(self) -> None:
         chain.finish_insertions_or_warn(self.store, self.daemon, self.vm_uuid)
         held = self.store.held(self.vm_uuid)
         self.writer.write(ReceiverHello(
             snapshots=tuple(HeldSnapshot(s.id, s.parent, s.created_ns, s.generation) for s in held),
-            partial=self._partial(), pruned=self.store.pruned(self.vm_uuid)))
+            partial=self._partial(), pruned=self.store.pruned(self.vm_uuid, since_generation=self.since_generation)))
         while True:
             message = self.reader.read()
             if isinstance(message, SnapshotHeader):

@@ -53,9 +53,10 @@ class Store:
     def held(self, vm_uuid: str) -> list[Snapshot]:
         return self.catalog.snapshots(vm_uuid) if self.catalog.vm_uuid(vm_uuid) else []
 
-    def pruned(self, vm_uuid: str) -> tuple[str, ...]:
-        """Ids of the VM's snapshots pruned here (ghost rows): senders do not send them again."""
-        return tuple(self.catalog.ghost_ids(vm_uuid))
+    def pruned(self, vm_uuid: str, *, since_generation: int = 0) -> tuple[str, ...]:
+        """Ids of the VM's snapshots pruned here (ghost rows), of generation `since_generation` or
+        younger: senders do not send them again."""
+        return tuple(self.catalog.ghost_ids(vm_uuid, since_generation=since_generation))
 
     # --- progress of partial transfers ------------------------------------------------------------
 
