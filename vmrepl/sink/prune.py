@@ -26,7 +26,8 @@ from .store import Store
 
 
 def plan(store: Store, vm_uuid: str, keep: set[str]) -> tuple[list[Snapshot], dict[str, str]]:
-    """What goes (oldest first) and, for what the rules would drop but must stay, why."""
+    """Of the received snapshots, what goes (oldest first) and, for what the rules would drop but must
+    stay, why. Snapshots taken here (a VM that failed over or back) are left to source/prune.py."""
     snaps = store.held(vm_uuid)
     protected = {snaps[-1].id: "the newest snapshot: the next delta from the source is based on it"} if snaps else {}
     partial = store.partial(vm_uuid)
@@ -34,15 +35,18 @@ def plan(store: Store, vm_uuid: str, keep: set[str]) -> tuple[list[Snapshot], di
         protected.setdefault(partial.base_id, "the base of an interrupted transfer, which the next replicate resumes")
     recovered = store.vm_dir(vm_uuid) / "recovered"
     clone_bases = _layers_under_other_vms(store, vm_uuid)
-    for s in snaps:
-        if s.origin != "received":
-            protected.setdefault(s.id, "taken on this host, not received")
-        elif (recovered / s.id).exists():
-            protected.setdefault(s.id, "a VM recovered from it (vmrepl recover) stands on its layers")
-        elif any(d.image in clone_bases for d in s.disks):
-            protected.setdefault(s.id, "a linked clone's chain stands on its layer")
-    gone = [s for s in snaps if s.id not in keep and s.id not in protected]
-    return gone, {s.id: protected[s.id] for s in snaps if s.id not in keep and s.id in protected}
+    for snap, younger in zip(snaps, snaps[1:]):
+        if snap.origin != "received":
+            continue
+        if (recovered / snap.id).exists():
+            protected.setdefault(snap.id, "a VM recovered from it (vmrepl recover) stands on its layers")
+        elif any(d.image in clone_bases for d in snap.disks):
+            protected.setdefault(snap.id, "a linked clone's chain stands on its layer")
+        elif younger.origin != "received":
+            # only a received layer is rebuilt off it; what was taken here stands on its own branch
+            protected.setdefault(snap.id, f"{younger.name}, the next younger snapshot, was taken on this host")
+    received = [s for s in snaps if s.origin == "received" and s.id not in keep]
+    return [s for s in received if s.id not in protected], {s.id: protected[s.id] for s in received if s.id in protected}
 
 
 def _layers_under_other_vms(store: Store, vm_uuid: str) -> set[str]:

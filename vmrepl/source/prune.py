@@ -5,8 +5,9 @@ the younger snapshot and everything above read exactly as before and the gone sn
 The gone snapshot stays in the catalog as a ghost standing where it stood in the chain (on the layer
 below it): a destination that still holds it can still take a delta from it, now a superset of the true
 one (docs/PLANNING.md), and the receiver drops what its base already reads. A snapshot that is an anchor
-of a target, the newest one, or one whose layer another domain's disk stands on (a linked clone) is
-never pruned, and the command says why.
+of a target, the newest one, one whose layer another domain's disk stands on (a linked clone), and one
+whose next younger snapshot is not the layer right above it in the domain's chains (received, on another
+branch after a recover, or with other disks) is never pruned, and the command says why.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import libvirt
 
-from ..catalog import Catalog, Snapshot
+from ..catalog import Catalog, Layer, Snapshot
 from ..errors import SourceError
 from ..qemu import img
 from ..state import fsync_dir
@@ -26,25 +27,70 @@ from . import domain
 JOB_SECONDS = 3600.0
 
 
-def plan_prune(catalog: Catalog, vm_uuid: str, keep: set[str], others: set[str]) -> tuple[list[Snapshot], dict[str, str]]:
-    """What goes (oldest first) and, for what the rules would drop but must stay, why."""
+def plan_prune(catalog: Catalog, vm_uuid: str, keep: set[str], others: set[str],
+               chains: dict[str, list[str]]) -> tuple[list[Snapshot], dict[str, str]]:
+    """Of the snapshots taken here, what goes (oldest first) and, for what the rules would drop but must
+    stay, why. `chains`: the domain's disk chains as they are now (per target, top first); `others`: the
+    files in other chains (other domains', received layers'), which must not change. Received snapshots
+    are left to sink/prune.py."""
     snaps = catalog.snapshots(vm_uuid)
     protected = {snaps[-1].id: "the newest snapshot (the running disk stands on it)"} if snaps else {}
     protected |= {a: "an anchor: a destination's next delta is based on it" for a in catalog.anchors(vm_uuid)}
-    for s in snaps:
-        if s.origin != "local":
-            protected.setdefault(s.id, "received here; a VM with snapshots taken here prunes only those")
-        elif any(d.image in others for d in s.disks):
-            protected.setdefault(s.id, "another domain's disk (a linked clone) stands on its layer")
-    gone, kept_why = [], {}
-    for s in snaps:
-        if s.id in keep:
+    for snap, younger in zip(snaps, snaps[1:]):
+        if snap.origin != "local":
             continue
-        if s.id in protected:
-            kept_why[s.id] = protected[s.id]
+        if any(os.path.normpath(d.image) in others for d in snap.disks):
+            protected.setdefault(snap.id, "another chain stands on its layer (a linked clone's, or received snapshots')")
+        elif any(_position(chains, d) == 1 for d in snap.disks):
+            protected.setdefault(snap.id, "the domain's disks stand on it")
+        elif not _directly_below(snap, younger, chains):
+            # its layer would be merged with the next younger's: only right if that one stands on it
+            protected.setdefault(snap.id, f"{younger.name}, the next younger snapshot, does not stand on it in the "
+                                          "domain's disk chains (received, another branch, or other disks)")
+    gone, kept_why = [], {}
+    for snap in snaps:
+        if snap.origin != "local" or snap.id in keep:
+            continue
+        if snap.id in protected:
+            kept_why[snap.id] = protected[snap.id]
         else:
-            gone.append(s)
+            gone.append(snap)
     return gone, kept_why
+
+
+def _directly_below(snap: Snapshot, younger: Snapshot, chains: dict[str, list[str]]) -> bool:
+    """Whether, disk for disk, `younger`'s layer is the one right above `snap`'s in the domain's chains."""
+    if younger.origin != "local" or {d.target for d in snap.disks} != {d.target for d in younger.disks}:
+        return False
+    return all((at := _position(chains, layer)) and _position(chains, younger.disk(layer.target)) == at - 1
+               for layer in snap.disks)
+
+
+def _position(chains: dict[str, list[str]], layer: Layer) -> int | None:
+    """Where the layer is in its disk's chain (0: the active layer), or None when it is not in it."""
+    files = chains.get(layer.target, [])
+    image = os.path.normpath(layer.image)
+    return files.index(image) if image in files else None
+
+
+def disk_chains(dom: libvirt.virDomain) -> dict[str, list[str]]:
+    """Each disk's chain of files, top (the active layer) first."""
+    return {disk.target: [os.path.normpath(entry["filename"]) for entry in img.info(disk.image, chain=True)]
+            for disk in domain.disks(dom)}
+
+
+def files_under_received(catalog: Catalog) -> set[str]:
+    """Every file below a received layer that stands on something other than a received layer: after a
+    failback the first snapshot received stands on the anchor's layer taken here (and a clone received
+    from elsewhere on its origin's). Merging into any of them would change what it reads."""
+    files: set[str] = set()
+    for vm_uuid, _name in catalog.vms():
+        snaps = catalog.snapshots(vm_uuid)
+        for before, snap in zip([None, *snaps], snaps):
+            if snap.origin == "received" and (before is None or before.origin != "received"):
+                for layer in snap.disks:
+                    files.update(os.path.normpath(e["filename"]) for e in img.info(layer.image, chain=True)[1:])
+    return files
 
 
 def files_of_other_domains(conn: libvirt.virConnect, dom: libvirt.virDomain) -> set[str]:
@@ -58,7 +104,7 @@ def files_of_other_domains(conn: libvirt.virConnect, dom: libvirt.virDomain) -> 
         except SourceError:
             continue  # a domain vmrepl does not handle (raw disks...) cannot stand on a vmrepl layer
         for disk in disks:
-            files.update(entry["filename"] for entry in img.info(disk.image, chain=True))
+            files.update(os.path.normpath(entry["filename"]) for entry in img.info(disk.image, chain=True))
     return files
 
 
@@ -67,9 +113,6 @@ def prune_one(dom: libvirt.virDomain, catalog: Catalog, gone: Snapshot) -> Snaps
     gone = catalog.find_snapshot(gone.id) or gone  # an earlier merge of this run may have moved its layers
     snaps = catalog.snapshots(gone.vm_uuid)
     younger = snaps[[s.id for s in snaps].index(gone.id) + 1]
-    if {d.target for d in gone.disks} != {d.target for d in younger.disks}:
-        raise SourceError(f"cannot prune {gone.name}: its disks differ from {younger.name}'s",
-                          hint="keep it until the disks it had are gone from the newer snapshots too")
     running = domain.is_running(dom)
     merged, below, freed = {}, {}, []
     for layer in gone.disks:
@@ -120,5 +163,4 @@ def _above(dom: libvirt.virDomain, target: str, top: str) -> str:
 
 
 def _chain(dom: libvirt.virDomain, target: str) -> list[str]:
-    disk = next(d for d in domain.disks(dom) if d.target == target)
-    return [entry["filename"] for entry in img.info(disk.image, chain=True)]
+    return disk_chains(dom)[target]
