@@ -177,3 +177,25 @@ def test_a_disk_that_grew_after_the_pruned_snapshot(work_dir: Path, daemon: Stor
         received.prune_one(store, daemon, catalog.find_snapshot("s1"))  # 3 is the whole chain
     assert held(dst, src) == [3]
     assert_destination_sound(dst, src)
+
+
+def test_a_layer_that_another_file_stands_on_stays(work_dir: Path, source: Source, daemon: StorageDaemon) -> None:
+    """Any qcow2 in the store that names a layer as its backing keeps that layer: here the overlay that
+    `vmrepl clone` puts beside the layer it clones (a partial transfer or a fork would count the same),
+    which no catalog row names. A rebuild's leftover does not count, and goes."""
+    dst = work_dir / "dst"
+    assert receive(dst, source.stream(bases_for([1, 2, 3]), daemon)).returncode == 0
+    overlay = layer(dst, source, "vda", 1).with_name("clone-vda.qcow2")
+    img.create(overlay, size=source.size, backing=layer(dst, source, "vda", 1))
+    leftover = layer(dst, source, "vda", 3).with_name(".s3.qcow2.rebased")  # a rebuild killed before its rename
+    img.create(leftover, size=source.size, backing=layer(dst, source, "vda", 2))
+
+    proc = prune(dst, "last=0")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["pruned"] == ["snap2"], doc
+    assert {p["name"]: p["reason"].split(" (")[0] for p in doc["protected"]} == {
+        "snap1": "other layers stand on its layer", "snap3": "the newest snapshot: the next delta from the source is based on it"}
+    assert held(dst, source) == [1, 3] and not leftover.exists()
+    assert_destination_sound(dst, source)
+    assert img.compare(source.image("vda", 1), overlay)

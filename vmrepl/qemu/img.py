@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 from typing import Any
 
@@ -27,6 +28,20 @@ def info(path: StrPath, *, chain: bool = False, force_share: bool = True) -> dic
     if chain:
         args.append("--backing-chain")
     return json.loads(_run([*args, str(path)], str(path)))
+
+
+def backing_name(path: StrPath) -> str | None:
+    """The backing file name stored in a qcow2 image's header, as written (maybe relative), or None.
+    Read from the header itself: scans over every layer of a host would cost a process per file."""
+    with open(path, "rb") as image:
+        head = image.read(20)
+        if len(head) < 20 or head[:4] != b"QFI\xfb":
+            raise QemuError(f"{path} is not a qcow2 image", hint="see `qemu-img info` on it")
+        offset, size = struct.unpack(">QI", head[8:20])
+        if not offset:
+            return None
+        image.seek(offset)
+        return image.read(size).decode("utf-8", "surrogateescape")
 
 
 def create(path: StrPath, *, size: int, backing: StrPath | None = None, cluster_size: int = 65536) -> None:

@@ -145,9 +145,7 @@ class Rebuilt:
 def backing_of(layer: Path) -> Path | None:
     """The backing file named in a layer's header, resolved against the layer's directory (the layer
     alone is opened, not its chain)."""
-    info = img.info(layer)
-    assert isinstance(info, dict)
-    name = info.get("backing-filename")
+    name = img.backing_name(layer)
     if not name:
         return None
     return Path(os.path.normpath(os.path.join(layer.parent, name)))
@@ -206,12 +204,21 @@ def rebuild_without(daemon: StorageDaemon, upper: Path, gone: Path, virtual_size
         return _rewrite(daemon, upper, ranges, mine, theirs, below, virtual_size, snapshot, target)
 
 
+REBUILT_SUFFIX = ".rebased"
+
+
+def rebuild_temp(upper: Path) -> Path:
+    """Where the rebuilt `upper` is written before it is renamed over `upper` (under `LayerWriter`'s
+    hidden partial name of that while being written)."""
+    return upper.with_name(f".{upper.name}{REBUILT_SUFFIX}")
+
+
 def _rewrite(daemon: StorageDaemon, upper: Path, ranges: list[Extent], mine: Export, theirs: Export | None,
              backing: Path | None, virtual_size: int, snapshot: str, target: str) -> Rebuilt:
     """Write a layer over `backing` (read through `theirs`) that holds, within `ranges`, what `mine`
     reads wherever `theirs` reads something else; fsync it and rename it over `upper`."""
     started = time.perf_counter()
-    temp = upper.with_name(f".{upper.name}.rebased")
+    temp = rebuild_temp(upper)
     temp.unlink(missing_ok=True)  # left by a crash between its commit and the rename below
     delta = DeltaFilter(theirs.nbd if theirs else None)
     examined = kept = 0

@@ -10,6 +10,10 @@ to a hidden file, fsynced and renamed over Y's; until X's row changes X still re
 layer is still there, only Y no longer stands on it), and the next prune of the VM redoes the step,
 finding Y already off X's layer. After the row, X's files are named by no row and the next prune of the
 VM deletes them (`sweep`).
+
+X goes only if nothing but Y stands on its layers: every qcow2 under the store counts, catalogued or
+not (a linked clone's overlay, a partial transfer, a fork), and the check is made again just before X's
+row changes, since other VMs' receives do not take this VM's lock.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 from pathlib import Path
 
 from ..catalog import Snapshot
-from ..errors import SinkError
+from ..errors import SinkError, VmreplError
 from ..qemu.storage_daemon import StorageDaemon
 from ..state import fsync_dir
 from . import chain
@@ -34,33 +38,43 @@ def plan(store: Store, vm_uuid: str, keep: set[str]) -> tuple[list[Snapshot], di
     if partial is not None and partial.base_id:
         protected.setdefault(partial.base_id, "the base of an interrupted transfer, which the next replicate resumes")
     recovered = store.vm_dir(vm_uuid) / "recovered"
-    clone_bases = _layers_under_other_vms(store, vm_uuid)
+    standing = files_standing_on(store)
     for snap, younger in zip(snaps, snaps[1:]):
         if snap.origin != "received":
             continue
         if (recovered / snap.id).exists():
             protected.setdefault(snap.id, "a VM recovered from it (vmrepl recover) stands on its layers")
-        elif any(d.image in clone_bases for d in snap.disks):
-            protected.setdefault(snap.id, "a linked clone's chain stands on its layer")
         elif younger.origin != "received":
             # only a received layer is rebuilt off it; what was taken here stands on its own branch
             protected.setdefault(snap.id, f"{younger.name}, the next younger snapshot, was taken on this host")
+        elif others := _others_on(snap, younger, standing):
+            protected.setdefault(snap.id, f"other layers stand on its layer ({', '.join(sorted(others)[:3])}): "
+                                          "a linked clone's, a partial transfer's, or a fork")
     received = [s for s in snaps if s.origin == "received" and s.id not in keep]
     return [s for s in received if s.id not in protected], {s.id: protected[s.id] for s in received if s.id in protected}
 
 
-def _layers_under_other_vms(store: Store, vm_uuid: str) -> set[str]:
-    """The layers that the bottom of another VM's chains stands on: a linked clone's first snapshot
-    arrives as a delta on the snapshot it was cloned from. Only a chain's bottom layer can stand on
-    another VM's layer, so one look per disk of each other VM's oldest held snapshot suffices."""
-    found = set()
-    for other, _name in store.catalog.vms():
-        held = store.held(other) if other != vm_uuid else []
-        for layer in held[0].disks if held else ():
-            backing = chain.backing_of(Path(layer.image))
-            if backing is not None:
-                found.add(str(backing))
-    return found
+def files_standing_on(store: Store) -> dict[Path, set[Path]]:
+    """For every file in the store that a layer names as its backing: the files that name it. Every
+    qcow2 under any VM's disks/ and recovered/ counts, catalogued or not (a partial transfer, a clone's
+    or a recovered domain's overlay), so that no prune deletes what something still stands on."""
+    standing: dict[Path, set[Path]] = {}
+    for path in [*store.root.glob("*/disks/*/*"), *store.root.glob("*/recovered/*/*")]:
+        if _is_rebuild_leftover(path):
+            continue  # written by a rebuild that never finished: a redo starts it afresh, `sweep` drops it
+        try:
+            backing = chain.backing_of(path)
+        except (OSError, VmreplError):
+            continue  # not a qcow2 (yet): being created, so nothing stands on it through its header
+        if backing is not None:
+            standing.setdefault(backing, set()).add(path)
+    return standing
+
+
+def _others_on(snap: Snapshot, younger: Snapshot | None, standing: dict[Path, set[Path]]) -> set[str]:
+    """The names of files other than `younger`'s layers that stand on `snap`'s layers."""
+    mine = {Path(d.image) for d in younger.disks} if younger else set()
+    return {p.name for layer in snap.disks for p in standing.get(Path(layer.image), set()) - mine}
 
 
 def prune_one(store: Store, daemon: StorageDaemon, gone: Snapshot) -> None:
@@ -69,33 +83,32 @@ def prune_one(store: Store, daemon: StorageDaemon, gone: Snapshot) -> None:
     assert younger is not None, "the newest snapshot is never pruned"
     above = {d.target: d for d in younger.disks}
     for layer in gone.disks:
-        if layer.target not in above:  # detached in Y: only a later re-attachment could stand on it
-            _refuse_if_stood_on(store, gone, layer.target)
-    for layer in gone.disks:
         upper = above.get(layer.target)
         if upper is not None and chain.backing_of(Path(upper.image)) == Path(layer.image):
             chain.rebuild_without(daemon, Path(upper.image), Path(layer.image), upper.virtual_size,
                                   snapshot=younger.id, target=layer.target)
     chain.crash_point("prune-rebuilt")
+    if others := _others_on(gone, None, files_standing_on(store)):  # appeared since the plan (another VM's receive)
+        raise SinkError(f"cannot prune {gone.name}: {', '.join(sorted(others)[:3])} now stand(s) on its layer",
+                        hint="prune again later; it stays held and reads as before")
     store.catalog.forget(gone)
     chain.crash_point("prune-forgotten")
     _delete_files(store, gone.vm_uuid, gone.id)
 
 
-def _refuse_if_stood_on(store: Store, gone: Snapshot, target: str) -> None:
-    image = Path(gone.disk(target).image)
-    for snap in store.held(gone.vm_uuid):
-        layer = next((d for d in snap.disks if d.target == target), None)
-        if snap.id != gone.id and layer is not None and chain.backing_of(Path(layer.image)) == image:
-            raise SinkError(f"cannot prune {gone.name}: the layer of {snap.name}'s disk {target} stands on its "
-                            f"layer, but {target} is missing from the snapshot in between",
-                            hint="keep it (prune with a grid that keeps it)")
+def _is_rebuild_leftover(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith((chain.REBUILT_SUFFIX, f"{chain.REBUILT_SUFFIX}.partial"))
 
 
 def sweep(store: Store, vm_uuid: str) -> None:
-    """Delete the files of snapshots pruned here that a crash left behind."""
+    """Delete the files of snapshots pruned here, and half-done rebuilds, that a crash left behind (the
+    VM's lock is held: no rebuild of its layers is under way)."""
     for snapshot_id in store.pruned(vm_uuid):
         _delete_files(store, vm_uuid, snapshot_id)
+    for path in store.vm_dir(vm_uuid).glob("disks/*/.*"):
+        if _is_rebuild_leftover(path):
+            path.unlink()
+            fsync_dir(path.parent)
 
 
 def _delete_files(store: Store, vm_uuid: str, snapshot_id: str) -> None:
