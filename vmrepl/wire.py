@@ -39,7 +39,9 @@ MAX_VERIFY = 10_000                 # snapshot ids in one verify exchange
 MAX_ERROR = 1000                    # characters in an ERROR line
 MAX_TEXT = 256                      # characters of a VM name
 MAX_VIRTUAL_SIZE = 1 << 60
-MAX_DIGEST_HEX = 128
+MAX_QUOTE = 80                      # characters of untrusted text quoted in an error
+BLOCK_DIGEST_HEX = 32               # xxh3_128, in BLOCKS_REPLY
+CONTENT_DIGEST_HEX = 64             # blake2b-256 (vmrepl/digest.py), in VERIFY_REPLY
 MAX_BLOCKS = 1 << 18                 # blocks in one block-digest exchange (256 GiB at 1 MiB)
 
 CODEC_RAW = 0
@@ -248,6 +250,29 @@ def _fail(what: str) -> ProtocolError:
     return ProtocolError(f"stream corrupt: {what}", hint="the peer is not a compatible vmrepl; check both versions")
 
 
+def _corrupt(what: str) -> ProtocolError:
+    """A frame whose checksum or digest does not match: damaged in transit or in memory, not a wrong peer."""
+    err = ProtocolError(f"stream corrupt: {what}",
+                        hint="the data was damaged in transit or in memory; retry, and check the hosts' RAM "
+                             "and network if it recurs")
+    err.retryable = True
+    return err
+
+
+def _quote(value: str) -> str:
+    """`value` (untrusted) as a bounded repr for an error line."""
+    return repr(value[:MAX_QUOTE]) + ("..." if len(value) > MAX_QUOTE else "")
+
+
+def _utf8(value: str) -> bool:
+    """JSON escapes can spell lone surrogates, which no UTF-8 string holds."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Fields:
     """Typed access to one decoded JSON object; every key must be read exactly once."""
 
@@ -272,6 +297,8 @@ class _Fields:
         value = self._get(key)
         if not isinstance(value, str) or len(value) > limit:
             raise _fail(f"{_key(self.frame, key)} is not a string of at most {limit} characters")
+        if not _utf8(value):
+            raise _fail(f"{_key(self.frame, key)} is not valid Unicode (a lone surrogate)")
         return value
 
     def name(self, key: str, optional: bool = False) -> str | None:
@@ -296,7 +323,7 @@ class _Fields:
     def done(self) -> None:
         extra = set(self.obj) - self.seen
         if extra:
-            raise _fail(f"{self.frame} has unknown field {sorted(extra)[0]!r}")
+            raise _fail(f"{self.frame} has unknown field {_quote(sorted(extra)[0])}")
 
 
 def _key(frame: str, key: str) -> str:
@@ -310,7 +337,7 @@ def _name(frame: str, key: str, value: Any) -> str:
     try:
         return safe_name(key, value)
     except UsageError:
-        raise _fail(f"{_key(frame, key)} is not a safe name: {value[:80]!r}") from None
+        raise _fail(f"{_key(frame, key)} is not a safe name: {_quote(value)}") from None
 
 
 def _text(frame: str, key: str, value: str) -> str:
@@ -334,12 +361,16 @@ def _decode_json(frame: str, body: bytes) -> Any:
     try:
         return json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as err:
-        raise _fail(f"{frame} body is not valid JSON ({str(err).splitlines()[0]})") from None
+        raise _fail(f"{frame} body is not valid JSON ({str(err).splitlines()[0][:MAX_QUOTE]})") from None
+    except RecursionError:
+        # No legal body nests deeper than 3; json recurses per level, so depth must not escape as a crash.
+        raise _fail(f"{frame} body nests too deeply") from None
 
 
-def _hex(frame: str, key: str, value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{1,{MAX_DIGEST_HEX}}}", value):
-        raise _fail(f"{_key(frame, key)} is not a hex digest")
+def _hex(frame: str, key: str, value: Any, chars: int) -> str:
+    """A digest as docs/FORMAT.md gives it: exactly `chars` lowercase hex characters."""
+    if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{chars}}}", value):
+        raise _fail(f"{_key(frame, key)} is not a digest of {chars} hex characters")
     return value
 
 
@@ -359,7 +390,7 @@ def _parse_hello(f: _Fields) -> Hello:
         if str(uuid.UUID(vm_uuid)) != vm_uuid:
             raise ValueError
     except ValueError:
-        raise _fail(f"HELLO field 'vm_uuid' is not a lowercase UUID: {vm_uuid!r}") from None
+        raise _fail(f"HELLO field 'vm_uuid' is not a lowercase UUID: {_quote(vm_uuid)}") from None
     return Hello(vm_uuid=vm_uuid, vm_name=_text("HELLO", "vm_name", f.string("vm_name")),
                  since_generation=f.integer("since_generation"), version=version)
 
@@ -425,7 +456,8 @@ def _parse_verify_reply(f: _Fields) -> VerifyReply:
             continue
         if not isinstance(disks, dict) or len(disks) > MAX_DISKS:
             raise _fail(f"VERIFY_REPLY digests of {snap} is not an object of at most {MAX_DISKS} disks")
-        digests[snap] = {_name("VERIFY_REPLY", "target", t): _hex("VERIFY_REPLY", t, h) for t, h in disks.items()}
+        digests[snap] = {_name("VERIFY_REPLY", "target", t): _hex("VERIFY_REPLY", t, h, CONTENT_DIGEST_HEX)
+                         for t, h in disks.items()}
     return VerifyReply(digests=digests)
 
 
@@ -441,7 +473,7 @@ def _parse_blocks(f: _Fields) -> BlockDigestRequest:
 
 
 def _parse_blocks_reply(f: _Fields) -> BlockDigestReply:
-    digests = tuple(None if d is None else _hex("BLOCKS_REPLY", "digests", d)
+    digests = tuple(None if d is None else _hex("BLOCKS_REPLY", "digests", d, BLOCK_DIGEST_HEX)
                     for d in f.items("digests", MAX_BLOCKS))
     return BlockDigestReply(digests=digests)
 
@@ -617,6 +649,15 @@ def encode_data(offset: int, data: bytes | bytearray | memoryview, *, compress: 
     return EncodedData(offset, length, head + checksum, payload, checksum)
 
 
+def _sanitized(message: Error) -> Error:
+    """An ERROR as the reader accepts it, whatever text the failure carried: the frame that reports a
+    failure must not fail itself."""
+    line = " ".join(message.message.split())[:MAX_ERROR].encode(errors="replace").decode()
+    line = "".join("?" if ord(c) < 32 or ord(c) == 127 else c for c in line)
+    kind = message.kind if re.fullmatch("[A-Za-z]{1,64}", message.kind) else "VmreplError"
+    return Error(message=line, kind=kind)
+
+
 def _check64(data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
@@ -665,8 +706,7 @@ class FrameWriter:
         VerifyReply or End. A SnapshotHeader opens a snapshot: then `data`/`zero`/`end_disk` per disk
         and `trailer`."""
         if isinstance(message, Error):
-            line = " ".join(message.message.split())[:MAX_ERROR]
-            message = Error(message=line, kind=message.kind)
+            message = _sanitized(message)
         frame_type = _TYPE_OF.get(type(message))
         if frame_type is None:
             raise TypeError(f"{type(message).__name__} is not a control message; use data/zero/end_disk/trailer")
@@ -770,7 +810,10 @@ class FrameReader:
         if not self._started:
             magic = bytes(self._exact(len(MAGIC), "before the stream's magic"))
             if magic != MAGIC:
-                raise _fail(f"not a vmrepl stream (magic {magic!r})")
+                raise ProtocolError(f"not a vmrepl stream (magic {magic!r})",
+                                    hint="if a shell startup file on the destination (e.g. ~/.bashrc) prints "
+                                         "something, make it quiet for non-interactive logins; else check "
+                                         "--remote-command")
             self._started = True
         snap = self._snapshot
         frame_type = self._exact(1, f"expecting a frame after {self._after}")[0]
@@ -815,7 +858,7 @@ class FrameReader:
         raw = bytes([frame_type]) + rest
         fields = st.unpack(raw)
         if _check64(raw[:-8]) != fields[-1]:
-            raise _fail(f"checksum mismatch in {what}")
+            raise _corrupt(f"checksum mismatch in {what}")
         return fields
 
     def _read_control(self, frame_type: int, name: str) -> Message:
@@ -827,7 +870,7 @@ class FrameReader:
         (check,) = _CHECK64.unpack_from(body, length)
         body = body[:length]
         if _check64(_JSON_HEAD.pack(frame_type, length) + body) != check:
-            raise _fail(f"checksum mismatch in {name}")
+            raise _corrupt(f"checksum mismatch in {name}")
         fields = _Fields(name, _decode_json(name, body))
         message = parse(fields)
         fields.done()
@@ -861,7 +904,7 @@ class FrameReader:
                     raise _fail(f"{where}: zstd frame does not declare {length} bytes")
                 data = self._dctx.decompress(payload, max_output_size=length, allow_extra_data=False)
             except zstandard.ZstdError:
-                raise _fail(f"{where}: zstd payload does not decompress") from None
+                raise _corrupt(f"{where}: zstd payload does not decompress") from None
             if len(data) != length:
                 raise _fail(f"{where}: zstd payload decompresses to {len(data)} bytes, not {length}")
         else:
@@ -869,7 +912,7 @@ class FrameReader:
         h = xxhash.xxh3_128(_DATA_HEAD.pack(T_DATA, codec, offset, length, payload_len))
         h.update(data)
         if h.digest() != checksum:
-            raise _fail(f"checksum mismatch in {where}")
+            raise _corrupt(f"checksum mismatch in {where}")
         snap.record(checksum)
         return Data(disk=disk, offset=offset, data=data, wire_bytes=_DATA.size + payload_len)
 
@@ -885,14 +928,17 @@ class FrameReader:
         _, count, digest, _ = self._read_fixed(_DISK_END, T_DISK_END, f"DISK_END of disk {disk}")
         expected_count = snap.count
         _, expected = snap.end_disk()
-        if count != expected_count or digest != expected:
-            raise _fail(f"digest mismatch at the end of disk {disk}: {count} extents announced, "
-                        f"{expected_count} received")
+        if count != expected_count:
+            raise _corrupt(f"extent count mismatch at the end of disk {disk}: {count} announced, "
+                           f"{expected_count} received")
+        if digest != expected:
+            raise _corrupt(f"digest mismatch at the end of disk {disk}: the {count} extents received "
+                           "are not the ones sent")
         return DiskEnd(disk=disk, extents=count, digest=digest.hex())
 
     def _read_trailer(self, snap: _SnapshotStream) -> Trailer:
         _, digest, _ = self._read_fixed(_TRAILER, T_TRAILER, f"TRAILER of snapshot {snap.header.id}")
         if digest != snap.trailer():
-            raise _fail(f"digest mismatch in the TRAILER of snapshot {snap.header.id}")
+            raise _corrupt(f"digest mismatch in the TRAILER of snapshot {snap.header.id}")
         self._snapshot = None
         return Trailer(snapshot=snap.header.id, digest=digest.hex())

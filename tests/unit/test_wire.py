@@ -103,7 +103,7 @@ def test_receiver_messages_round_trip() -> None:
         ReceiverHello(snapshots=(HeldSnapshot("a1", None, 5, 1), HeldSnapshot("a2", "a1", 9, 2)),
                       partial=Partial(snapshot="a3", base="a2", disks={"vda": 1 << 20, "vdb": 0}), pruned=("a0",)),
         Ok(snapshot="a3"),
-        VerifyReply(digests={"a1": {"vda": "00ff" * 8}, "a9": None}),
+        VerifyReply(digests={"a1": {"vda": "00ff" * 16}, "a9": None}),
         Error(message="no space left on device", kind="NoSpaceError"),
     ]
     out = io.BytesIO()
@@ -343,3 +343,65 @@ def test_block_digest_exchange_round_trips_and_is_strict() -> None:
                 wire.BlockDigestRequest("s1", "vda", 1 << 20, (-1,))):
         with pytest.raises(errors.ProtocolError):
             wire.FrameWriter(io.BytesIO()).write(bad)  # the writer refuses what the reader would refuse
+
+
+def test_digests_have_their_exact_length() -> None:
+    def reply(frame_type: int, body: dict) -> bytes:
+        return MAGIC + hello_frame() + control_frame(frame_type, json.dumps(body).encode())
+    for digest in ("0" * 31, "0" * 33, "0" * 64, "0" * 128):
+        refuse(reply(wire.T_BLOCKS_REPLY, {"digests": [digest]}), "not a digest of 32 hex characters")
+    for digest in ("0" * 32, "0" * 63, "0" * 128):
+        refuse(reply(wire.T_VERIFY_REPLY, {"digests": {"a1": {"vda": digest}}}), "not a digest of 64 hex characters")
+
+
+@pytest.mark.parametrize("frame_type", [wire.T_HELLO, wire.T_SNAPSHOT, wire.T_ERROR, wire.T_OK, wire.T_VERIFY], ids=chr)
+def test_deep_nesting_is_refused(frame_type: int) -> None:
+    before = b"" if frame_type == wire.T_HELLO else hello_frame()
+    refuse(MAGIC + before + control_frame(frame_type, b"[" * 2000 + b"]" * 2000), "body nests too deeply")
+
+
+def test_lone_surrogates_are_refused() -> None:
+    snapshot = {**json.loads(json.dumps(wire._encode_body(HEADER))), "definition": "\ud800"}
+    refuse(MAGIC + hello_frame() + control_frame(wire.T_SNAPSHOT, json.dumps(snapshot).encode()), "lone surrogate")
+    hello = f'{{"version":{wire.PROTOCOL_VERSION},"vm_uuid":"{VM}","vm_name":"a\\udfff","since_generation":0}}'
+    refuse(MAGIC + control_frame(wire.T_HELLO, hello.encode()), "lone surrogate")
+
+
+def test_error_frame_carries_any_failure_text() -> None:
+    out = io.BytesIO()
+    FrameWriter(out).write(Error(message="bad \x1b[31mname\x00 \ud800 here", kind="Not a class!"))
+    got = FrameReader(io.BytesIO(out.getvalue())).read()
+    assert got == Error(message="bad ?[31mname? ? here", kind="VmreplError")
+
+
+def test_untrusted_text_in_errors_is_bounded() -> None:
+    v = wire.PROTOCOL_VERSION
+    for body in (f'{{"version":{v},"vm_uuid":"{VM}","vm_name":"a","since_generation":0,"{"k" * 60000}":1}}',
+                 f'{{"version":{v},"vm_uuid":"{VM}","vm_name":"a","since_generation":0,"x":{"1" * 60000}}}'):
+        with pytest.raises(ProtocolError) as info:
+            read_all(MAGIC + control_frame(wire.T_HELLO, body.encode()))
+        assert len(str(info.value)) < 300, str(info.value)[:400]
+
+
+def test_messages_say_what_to_do() -> None:
+    with pytest.raises(ProtocolError, match=r"^not a vmrepl stream \(magic b'Welcome!'\); .*~/.bashrc") as info:
+        read_all(b"Welcome!\n" + sender_stream())
+    assert not info.value.retryable
+    raw = bytearray(sender_stream())
+    raw[raw.index(NOISE) + 100] ^= 0x40
+    with pytest.raises(ProtocolError, match="damaged in transit or in memory; retry") as info:
+        read_all(bytes(raw))
+    assert info.value.retryable
+
+
+def test_disk_end_says_what_differed() -> None:
+    raw = bytearray(sender_stream())
+    first_end = next(i for i in range(len(raw)) if raw[i] == wire.T_DISK_END and raw[i + 1:i + 9] == (3).to_bytes(8, "big"))
+    count = struct.unpack_from(">Q", raw, first_end + 1)[0]
+    raw[first_end + 9] ^= 1                             # the digest, with a valid checksum over it
+    struct.pack_into(">Q", raw, first_end + 25, xxhash.xxh3_64_intdigest(bytes(raw[first_end:first_end + 25])))
+    refuse(bytes(raw), f"digest mismatch at the end of disk vda: the {count} extents received are not the ones sent")
+    raw = bytearray(sender_stream())
+    struct.pack_into(">Q", raw, first_end + 1, 4)
+    struct.pack_into(">Q", raw, first_end + 25, xxhash.xxh3_64_intdigest(bytes(raw[first_end:first_end + 25])))
+    refuse(bytes(raw), "extent count mismatch at the end of disk vda: 4 announced, 3 received")
