@@ -57,6 +57,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE snapshots ADD COLUMN held INTEGER NOT NULL DEFAULT 1;
     """,
+    # An active image whose `vmrepl` bitmap was started afresh (the old one was missing or broken) misses
+    # the writes made before: recorded before the bitmap is replaced, dropped when the image is frozen
+    # into a snapshot (whose layer row then says 'allocation'). Until then nothing trusts its bitmap.
+    """
+    CREATE TABLE untracked_images (
+        image       TEXT PRIMARY KEY
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -195,6 +203,15 @@ class Catalog:
                 "INSERT INTO layers(snapshot_id, target, image, virtual_size, tracking) VALUES (?, ?, ?, ?, ?)",
                 [(snap.id, d.target, d.image, d.virtual_size, d.tracking) for d in snap.disks],
             )
+            self.db.executemany("DELETE FROM untracked_images WHERE image = ?", [(d.image,) for d in snap.disks])
+
+    def mark_untracked(self, image: str) -> None:
+        """Record, durably, that the active image's bitmap is about to start afresh (see MIGRATIONS[2])."""
+        with self.transaction():
+            self.db.execute("INSERT OR IGNORE INTO untracked_images(image) VALUES (?)", (image,))
+
+    def is_untracked(self, image: str) -> bool:
+        return self.db.execute("SELECT 1 FROM untracked_images WHERE image = ?", (image,)).fetchone() is not None
 
     def ghost_ids(self, vm_uuid: str, *, since_generation: int = 0) -> list[str]:
         """Ids of the VM's snapshots pruned here, of generation `since_generation` or younger (one query:

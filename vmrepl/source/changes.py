@@ -72,7 +72,8 @@ def running_disk_changes(catalog: Catalog, daemon: StorageDaemon, dom: libvirt.v
     size = img.info(disk.image)["virtual-size"]
     if domain.is_running(dom):
         node, bitmap = domain.top_bitmaps(dom)[disk.image]
-        sound = bool(bitmap and bitmap.get("recording") and not bitmap.get("inconsistent"))
+        sound = bool(bitmap and bitmap.get("recording") and not bitmap.get("inconsistent")) \
+            and not catalog.is_untracked(disk.image)
         if not sound:
             fallbacks.append(f"the active layer of {target} has no sound bitmap: used what it holds itself")
         with live.live_export(dom, node, disk.image, with_bitmap=sound) as handle:
@@ -80,7 +81,7 @@ def running_disk_changes(catalog: Catalog, daemon: StorageDaemon, dom: libvirt.v
                 Extent(pos, n) for pos, n, depth in iter_block_status(handle, live.DEPTH) if depth == 1)
             extents = _zero_pieces(handle, clip(union(frozen, active), size), drop_zero=False)
     else:
-        active = _file_bitmap(daemon, disk.image)
+        active = None if catalog.is_untracked(disk.image) else _file_bitmap(daemon, disk.image)
         if active is None:
             fallbacks.append(f"the active layer of {target} has no trustworthy bitmap: used its allocation map")
             active = img.allocation_map(disk.image, own_layer_only=True)

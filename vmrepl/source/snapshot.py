@@ -52,7 +52,7 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     result = "failed"
     try:
         run_hooks(hooks_dir, "pre-snapshot", hook_env)
-        tracking = _prepare_tracking(dom, disks) if running else _offline_tracking(disks)
+        tracking = _prepare_tracking(dom, disks, catalog) if running else _offline_tracking(disks, catalog)
         _create(dom, disks, overlays, name, snapshot_id, generation, running=running, quiesce=quiesce)
         if not running:
             for path in overlays.values():
@@ -97,11 +97,13 @@ def _overlay_path(disk: Disk, vm_name: str, snapshot_name: str) -> str:
     return str(path)
 
 
-def _prepare_tracking(dom: libvirt.virDomain, disks: list[Disk]) -> dict[str, str]:
+def _prepare_tracking(dom: libvirt.virDomain, disks: list[Disk], catalog: Catalog) -> dict[str, str]:
     """Say whether each active layer's bitmap is complete, and make sure each carries a sound one.
 
     A missing or inconsistent bitmap is replaced by a fresh one before the snapshot (libvirt only
     carries consistent bitmaps onto the new overlay); the layer being frozen is then 'allocation'.
+    The catalog records that first: if the snapshot then fails, the fresh bitmap looks sound but
+    lacks the writes before it, and the next snapshot must not trust it either.
     """
     nodes = domain.top_bitmaps(dom)
     tracking: dict[str, str] = {}
@@ -113,8 +115,9 @@ def _prepare_tracking(dom: libvirt.virDomain, disks: list[Disk]) -> dict[str, st
         node, bitmap = nodes[d.image]
         sound = bitmap is not None and bitmap.get("persistent") and bitmap.get("recording") \
             and not bitmap.get("inconsistent")
-        tracking[d.target] = "bitmap" if sound else "allocation"
+        tracking[d.target] = "bitmap" if sound and not catalog.is_untracked(d.image) else "allocation"
         if not sound:
+            catalog.mark_untracked(d.image)
             if bitmap is not None:
                 actions.append({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": BITMAP}})
             actions.append({"type": "block-dirty-bitmap-add",
@@ -124,11 +127,12 @@ def _prepare_tracking(dom: libvirt.virDomain, disks: list[Disk]) -> dict[str, st
     return tracking
 
 
-def _offline_tracking(disks: list[Disk]) -> dict[str, str]:
+def _offline_tracking(disks: list[Disk], catalog: Catalog) -> dict[str, str]:
     tracking = {}
     for d in disks:
         bitmap = next((b for b in img.bitmaps(d.image) if b["name"] == BITMAP), None)
-        tracking[d.target] = "bitmap" if bitmap is not None and "in-use" not in bitmap["flags"] else "allocation"
+        sound = bitmap is not None and "in-use" not in bitmap["flags"] and not catalog.is_untracked(d.image)
+        tracking[d.target] = "bitmap" if sound else "allocation"
     return tracking
 
 
