@@ -65,6 +65,20 @@ MIGRATIONS: list[str] = [
         image       TEXT PRIMARY KEY
     );
     """,
+    # A prune on the source merges the next younger snapshot's layer (`top`) into the pruned one's
+    # (`base`), disk by disk; the row, written with the pruned snapshot turning into a ghost before any
+    # layer changes, lets a later run finish a merge that a crash interrupted (source/prune.py).
+    """
+    CREATE TABLE merges (
+        gone_id     TEXT NOT NULL REFERENCES snapshots(id),
+        younger_id  TEXT NOT NULL REFERENCES snapshots(id),
+        target      TEXT NOT NULL,
+        base        TEXT NOT NULL,
+        top         TEXT NOT NULL,
+        recorded    INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (gone_id, target)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -113,6 +127,18 @@ class Snapshot:
             "generation": self.generation,
             "disks": [{"target": d.target, "image": d.image, "virtual_size": d.virtual_size} for d in self.disks],
         }
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One disk of a source prune in progress: `top` (the younger snapshot's layer) merges into `base`."""
+
+    gone_id: str
+    younger_id: str
+    target: str
+    base: str
+    top: str
+    recorded: bool = False  # the catalog already names `base` for the younger snapshot
 
 
 @dataclass(frozen=True)
@@ -248,21 +274,46 @@ class Catalog:
         row = self.db.execute("SELECT MAX(generation) FROM snapshots WHERE vm_uuid = ?", (vm_uuid,)).fetchone()
         return (row[0] or 0) + 1
 
-    def merge_down(self, gone: Snapshot, younger: Snapshot, merged: dict[str, str], below: dict[str, str]) -> None:
-        """Record a prune: `younger`'s layers are now the `merged` images (their own clusters say what
-        changed, not their bitmaps), and `gone` becomes a ghost standing on the `below` images ('' where
-        the merged layer is the bottom of its chain: then everything in the chain is newer than it)."""
+    def begin_merge(self, gone: Snapshot, younger: Snapshot, below: dict[str, str]) -> None:
+        """Before a prune on the source changes any layer: `gone` becomes a ghost standing on the `below`
+        images ('' where its layer is the bottom of its chain: then everything in the chain is newer),
+        as do the ghosts that stood on its layers, and the merge of `younger`'s layers into them is
+        recorded as pending. From here on `gone` is not visible, so its layers may change."""
+        ghosts = "snapshot_id IN (SELECT id FROM snapshots WHERE NOT held)"
         with self.transaction():
-            self.db.executemany("UPDATE layers SET image = ?, tracking = 'allocation' WHERE snapshot_id = ? AND target = ?",
-                                [(image, younger.id, target) for target, image in merged.items()])
-            ghosts = "snapshot_id IN (SELECT id FROM snapshots WHERE NOT held)"
-            for target, image in merged.items():  # ghosts that stood on the merged layer now stand below it
-                self.db.execute(f"UPDATE layers SET image = ? WHERE image = ? AND {ghosts}", (below[target], image))
+            for layer in gone.disks:
+                self.db.execute(f"UPDATE layers SET image = ? WHERE image = ? AND {ghosts}", (below[layer.target], layer.image))
             self.db.execute("UPDATE snapshots SET held = 0 WHERE id = ?", (gone.id,))
             self.db.execute("DELETE FROM layers WHERE snapshot_id = ?", (gone.id,))
             self.db.executemany("INSERT INTO layers(snapshot_id, target, image, virtual_size, tracking)"
                                 " VALUES (?, ?, ?, ?, 'allocation')",
-                                [(gone.id, t, image, gone.disk(t).virtual_size) for t, image in below.items()])
+                                [(gone.id, d.target, below[d.target], d.virtual_size) for d in gone.disks])
+            self.db.executemany("INSERT INTO merges(gone_id, younger_id, target, base, top) VALUES (?, ?, ?, ?, ?)",
+                                [(gone.id, younger.id, d.target, d.image, younger.disk(d.target).image)
+                                 for d in gone.disks])
+
+    def pending_merges(self, vm_uuid: str) -> list[Merge]:
+        rows = self.db.execute("SELECT m.gone_id, m.younger_id, m.target, m.base, m.top, m.recorded FROM merges m"
+                               " JOIN snapshots s ON s.id = m.gone_id WHERE s.vm_uuid = ? ORDER BY s.generation, m.target",
+                               (vm_uuid,))
+        return [Merge(*row[:5], recorded=bool(row[5])) for row in rows]
+
+    def record_merge(self, merges: list[Merge]) -> None:
+        """Once the top layers are merged into the base layers: the younger snapshot owns the base
+        images (their own clusters say what changed, not their bitmaps), and ghosts that stood on a top
+        layer stand on its base."""
+        ghosts = "snapshot_id IN (SELECT id FROM snapshots WHERE NOT held)"
+        with self.transaction():
+            for m in merges:
+                self.db.execute("UPDATE layers SET image = ?, tracking = 'allocation' WHERE snapshot_id = ? AND target = ?",
+                                (m.base, m.younger_id, m.target))
+                self.db.execute(f"UPDATE layers SET image = ? WHERE image = ? AND {ghosts}", (m.base, m.top))
+                self.db.execute("UPDATE merges SET recorded = 1 WHERE gone_id = ? AND target = ?", (m.gone_id, m.target))
+
+    def end_merge(self, gone_id: str) -> None:
+        """The top layers' files are gone: nothing is left to do for this prune."""
+        with self.transaction():
+            self.db.execute("DELETE FROM merges WHERE gone_id = ?", (gone_id,))
 
     def forget(self, gone: Snapshot) -> None:
         """Record that a received snapshot was pruned here: a ghost without layers, which tells senders

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,3 +90,12 @@ def write_file_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+CRASH_ENV = "VMREPL_CRASH_AT"  # test hook: the name of a step at which the process kills itself
+
+
+def crash_point(step: str) -> None:
+    """`VMREPL_CRASH_AT=STEP` makes the process die by SIGKILL here: a real crash, for the tests."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from vmrepl.extents import Extent, total_length
 from vmrepl.qemu import img
 from vmrepl.qemu.storage_daemon import StorageDaemon
-from vmrepl.sink.chain import CRASH_ENV, backing_of, differing_runs, own_clusters, rebuild_onto
+from vmrepl.sink.chain import backing_of, differing_runs, own_clusters, rebuild_onto
+from vmrepl.state import CRASH_ENV
 from testbed import VMREPL
 from testbed.chains import SIZE, Source, Write, bases_for
 

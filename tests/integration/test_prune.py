@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from vmrepl.qemu import img
+from vmrepl.state import CRASH_ENV
 
 MiB = 1 << 20
 
@@ -86,3 +89,38 @@ def test_prune_of_a_shut_off_domain(make_vm, second_host, src_state, dst_state, 
     run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
     bad = run_vmrepl("prune", vm.name, "--keep", "yearly=1", state_dir=src_state, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("vmrepl: invalid retention rule 'yearly=1'")
+
+
+@pytest.mark.parametrize("running,step", [(True, "merge-begun"), (True, "merge-committed"), (True, "merge-recorded"),
+                                          (False, "merge-committed")],
+                         ids=["running-begun", "running-committed", "running-recorded", "shut-off-committed"])
+def test_a_prune_killed_at_each_step_is_finished_by_the_next(make_vm, second_host, src_state, dst_state, run_vmrepl,
+                                                             running, step):
+    """The pruned snapshot turns into a ghost before its layer takes the younger one's data, so no
+    visible snapshot ever reads wrong; the next prune finishes the merge and leaves no stray file."""
+    vm = make_vm({"vda": 32 * MiB, "vdb": 16 * MiB}, start=running)
+    for i in range(3):
+        vm.write_pattern("vda", i * MiB, MiB, 0x30 + i)
+        vm.write_pattern("vdb", i * 65536, 65536, 0x40 + i)
+        run_vmrepl("snapshot", vm.name, "--name", f"s{i + 1}", state_dir=src_state)
+    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
+    db = sqlite3.connect(src_state / "catalog.sqlite")
+    with db:
+        db.execute("DELETE FROM targets")  # no anchor: s1 and s2 may go
+    db.close()
+    files = {p.name for p in vm.dir.iterdir()}
+
+    crashed = run_vmrepl("prune", vm.name, "--keep", "last=1", env={CRASH_ENV: step}, check=False)
+    assert crashed.returncode == -9, crashed.stderr
+    assert names(run_vmrepl, src_state, vm) == ["s2", "s3"]  # s1 is a ghost from the first step on
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)  # s2, s3 read as before
+
+    run_vmrepl("prune", vm.name, "--keep", "last=1", state_dir=src_state)
+    assert names(run_vmrepl, src_state, vm) == ["s3"]
+    run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
+    left = {p.name for p in vm.dir.iterdir()}
+    assert not {f for f in files - left if ".s1." not in f and ".s2." not in f}  # only the merged tops went
+    assert len(files - left) == 4  # s2's and s3's own layers of vda and vdb, merged down
+    for snap in run_vmrepl("list", vm.name, "--json", state_dir=src_state).json():
+        for disk in snap["disks"]:
+            assert not img.check(disk["image"]).get("corruptions")

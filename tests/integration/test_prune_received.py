@@ -22,7 +22,8 @@ from vmrepl.catalog import Catalog
 from vmrepl.qemu import img
 from vmrepl.qemu.storage_daemon import StorageDaemon
 from vmrepl.sink import prune as received
-from vmrepl.sink.chain import CRASH_ENV, backing_of
+from vmrepl.sink.chain import backing_of
+from vmrepl.state import CRASH_ENV
 from vmrepl.sink.store import Store
 from vmrepl.wire import End, FrameReader, FrameWriter, Hello, ReceiverHello
 

@@ -71,7 +71,8 @@ def _prune_local(env: Env, vm: str, rules: dict[str, int], dry_run: bool, outcom
     """Snapshots taken here go by block commit (source/prune.py)."""
     from ..errors import NotFoundError
     from ..retention import to_keep
-    from ..source.prune import disk_chains, files_of_other_domains, files_under_received, plan_prune, prune_one
+    from ..source.prune import (disk_chains, files_of_other_domains, files_under_received, finish_merges, plan_prune,
+                                prune_one)
 
     with ExitStack() as stack:
         try:
@@ -82,6 +83,8 @@ def _prune_local(env: Env, vm: str, rules: dict[str, int], dry_run: bool, outcom
             _keep_orphans(env, vm, outcome)  # e.g. the domain recovered here was undefined after failback
             return
         uuid = dom.UUIDString()
+        if not dry_run:
+            finish_merges(dom, catalog, uuid)  # a prune that a crash interrupted
         snaps = catalog.snapshots(uuid)
         others = files_of_other_domains(dom.connect(), dom) | files_under_received(catalog)
         gone, protected = plan_prune(catalog, uuid, to_keep(snaps, rules), others, disk_chains(dom))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from ..errors import SinkError, VmreplError
 from ..extents import MAX_PIECE, Extent, split, union
 from ..qemu import img
 from ..qemu.storage_daemon import Export, StorageDaemon, pread
-from ..state import fsync_dir
+from ..state import crash_point, fsync_dir
 from .layer import LayerWriter
 
 if TYPE_CHECKING:  # store.py imports crash_point from here
@@ -46,15 +45,6 @@ if TYPE_CHECKING:  # store.py imports crash_point from here
 
 CLUSTER = 65536
 _ZEROS = memoryview(bytes(CLUSTER))
-CRASH_ENV = "VMREPL_CRASH_AT"  # test hook: the name of a step at which the receiver kills itself
-
-
-def crash_point(step: str) -> None:
-    """`VMREPL_CRASH_AT=STEP` makes the process die by SIGKILL here: a real crash, for the tests."""
-    if os.environ.get(CRASH_ENV) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def differing_runs(offset: int, mine: bytes | bytearray, theirs: bytes | bytearray) -> Iterator[tuple[int, int, bool]]:
     """(start, end, zero) in `mine` of the runs of clusters (aligned to the disk; the first and last
     may be partial) whose bytes differ from `theirs`; `zero`: the run is all zeros in `mine`, so it

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import libvirt
 
-from ..catalog import Catalog, Layer, Snapshot
+from ..catalog import Catalog, Layer, Merge, Snapshot
 from ..errors import SourceError
 from ..qemu import img
-from ..state import fsync_dir
+from ..state import crash_point, fsync_dir
 from . import domain
 
 JOB_SECONDS = 3600.0
@@ -109,45 +109,73 @@ def files_of_other_domains(conn: libvirt.virConnect, dom: libvirt.virDomain) -> 
 
 
 def prune_one(dom: libvirt.virDomain, catalog: Catalog, gone: Snapshot) -> Snapshot:
-    """Merge the layer of `gone`'s next younger snapshot into `gone`'s layer, disk by disk; returns it."""
+    """Merge the layer of `gone`'s next younger snapshot into `gone`'s layer, disk by disk; returns it.
+
+    `gone` turns into a ghost first (with the merge recorded as pending), so that it is never visible
+    while its layers take the younger one's data; a crash anywhere leaves a merge that `finish_merges`
+    completes."""
     gone = catalog.find_snapshot(gone.id) or gone  # an earlier merge of this run may have moved its layers
     snaps = catalog.snapshots(gone.vm_uuid)
     younger = snaps[[s.id for s in snaps].index(gone.id) + 1]
-    running = domain.is_running(dom)
-    merged, below, freed = {}, {}, []
+    below = {}
     for layer in gone.disks:
-        top = younger.disk(layer.target).image
-        if running:
-            _block_commit(dom, layer.target, base=layer.image, top=top)
-        else:
-            _offline_commit(layer.image, top, _above(dom, layer.target, top))
-        merged[layer.target] = layer.image
         backing = img.info(layer.image).get("full-backing-filename")
         below[layer.target] = os.path.normpath(backing) if backing else ""
-        freed.append(top)
-    catalog.merge_down(gone, younger, merged, below)
-    for path in freed:  # no chain and no catalog row names it any more
-        Path(path).unlink(missing_ok=True)
-        fsync_dir(Path(path).parent)
-    try:
-        dom.snapshotLookupByName(gone.name).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-    except libvirt.libvirtError:
-        pass  # no libvirt metadata for it (taken elsewhere, or already removed by hand)
+    catalog.begin_merge(gone, younger, below)
+    crash_point("merge-begun")
+    finish_merges(dom, catalog, gone.vm_uuid)
     return gone
 
 
+def finish_merges(dom: libvirt.virDomain, catalog: Catalog, vm_uuid: str) -> None:
+    """Carry out the VM's pending merges (the one just begun, or those a crash interrupted): merge each
+    top layer still in the domain's chain into its base, record that the younger snapshot owns the
+    base, then delete the top files, which nothing names any more. Each step is safe to redo."""
+    pending: dict[str, list[Merge]] = {}
+    for merge in catalog.pending_merges(vm_uuid):
+        pending.setdefault(merge.gone_id, []).append(merge)
+    for gone_id, merges in pending.items():
+        if not all(m.recorded for m in merges):
+            running = domain.is_running(dom)
+            for m in merges:
+                top = os.path.normpath(m.top)
+                if running:
+                    _block_commit(dom, m.target, base=m.base, top=top)
+                elif top in _chain(dom, m.target):
+                    _offline_commit(m.base, top, _above(dom, m.target, top))
+            crash_point("merge-committed")
+            catalog.record_merge(merges)
+            crash_point("merge-recorded")
+        for m in merges:
+            Path(m.top).unlink(missing_ok=True)
+            fsync_dir(Path(m.top).parent)
+        catalog.end_merge(gone_id)
+        gone = catalog.find_snapshot(gone_id)
+        try:
+            dom.snapshotLookupByName(gone.name if gone else "").delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        except libvirt.libvirtError:
+            pass  # no libvirt metadata for it (taken elsewhere, or already removed by hand)
+
+
 def _block_commit(dom: libvirt.virDomain, target: str, *, base: str, top: str) -> None:
+    _wait_for_job(dom, target)  # a commit that a killed run started goes on in libvirt
+    if top not in _chain(dom, target):
+        return  # merged already
     try:
         dom.blockCommit(target, base, top, 0, 0)
     except libvirt.libvirtError as err:
         raise SourceError(f"libvirt could not merge {top} into {base}: {err.get_error_message()}") from err
+    _wait_for_job(dom, target)
+    if top in _chain(dom, target):
+        raise SourceError(f"merging {top} into {base} did not complete", hint="see libvirt's log")
+
+
+def _wait_for_job(dom: libvirt.virDomain, target: str) -> None:
     deadline = time.monotonic() + JOB_SECONDS
     while dom.blockJobInfo(target, 0):
         if time.monotonic() > deadline:
             raise SourceError(f"merging layers of {target} did not finish", hint=f"see `virsh blockjob {dom.name()} {target}`")
         time.sleep(0.1)
-    if top in _chain(dom, target):
-        raise SourceError(f"merging {top} into {base} did not complete", hint="see libvirt's log")
 
 
 def _offline_commit(base: str, top: str, above: str) -> None:
