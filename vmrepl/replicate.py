@@ -172,7 +172,11 @@ class Session:
             for c in changes:
                 self._guard(lambda c=c: self._stream_disk(daemon, pool, c, header.resume.get(c.target, 0), bar))
             self._guard(self.writer.trailer)
-        self._guard(lambda: self.reader.expect(Ok))
+        ok = self._guard(lambda: self.reader.expect(Ok))
+        if ok.snapshot != snap.id:
+            raise ProtocolError(f"the destination confirmed snapshot {ok.snapshot}, not {snap.id} it was sent",
+                                hint="the destination is not a compatible vmrepl receiver; check its version "
+                                     "and --remote-command")
         self._held = ReceiverHello(snapshots=self.held.snapshots, partial=None, pruned=self.held.pruned)
         self.sent_ids.add(snap.id)
         return Sent(id=snap.id, name=snap.name, base=step.base, bytes_changed=sum(c.bytes_changed for c in changes),

@@ -4,11 +4,20 @@ disk's layers form one line, oldest at the bottom."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import subprocess
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from testbed import VMREPL
 from tests.integration.test_replicate import assert_destination_matches, listing, replicate
+from vmrepl import wire
+from vmrepl.errors import ProtocolError
 from vmrepl.sink.chain import backing_of
 
 MiB = 1 << 20
@@ -85,3 +94,93 @@ def test_a_silent_sender_does_not_hold_the_receiver_forever(dst_state):
     assert proc.returncode == 1
     assert time.monotonic() - started < 20
     assert err.strip() == "vmrepl: the sender sent nothing for 1 s; giving up; run replicate again: it resumes what arrived"
+
+
+def receive(dst_state: Path, stream: bytes) -> tuple[wire.ReceiverHello, wire.FrameReader, int]:
+    """One `vmrepl receive` session fed `stream` (the sender's whole side, written up front): its hello,
+    a reader of the rest of its answer, and its exit status."""
+    proc = subprocess.run([str(VMREPL), "receive", "--state-dir", str(dst_state)], input=stream,
+                          capture_output=True, timeout=60)
+    reader = wire.FrameReader(io.BytesIO(proc.stdout), peer="destination")
+    return reader.expect(wire.ReceiverHello), reader, proc.returncode
+
+
+def sender(header: wire.SnapshotHeader | None, disks: Sequence[Sequence[tuple[int, bytes]]] = (), *,
+           complete: bool = True) -> bytes:
+    """The sender's stream: hello, `header`, then per disk its DATA frames and DISK_END (the last disk's
+    DISK_END and the trailer only if `complete`); only the hello without a header."""
+    out = io.BytesIO()
+    w = wire.FrameWriter(out)
+    w.write(wire.Hello(vm_uuid=VM_UUID, vm_name="crafted"))
+    if header is None:
+        return out.getvalue()
+    w.write(header)
+    for i, extents in enumerate(disks):
+        for offset, data in extents:
+            w.data(offset, data)
+        if complete or i < len(disks) - 1:
+            w.end_disk()
+    if complete:
+        w.trailer()
+        w.write(wire.End())
+    w.flush()
+    return out.getvalue()
+
+
+VM_UUID = "6a1c1a55-2f7e-4c1b-9d7e-0f1e2d3c4b5a"
+
+
+def test_a_resume_past_what_the_receiver_stored_is_refused(dst_state: Path) -> None:
+    """The receiver checks the sender's resume offsets against what it stored itself: a start past it would
+    commit a layer with a hole that reads the base (the digests cover only the stream)."""
+    header = wire.SnapshotHeader(id="s1", name="s1", parent=None, base=None, created_ns=1, generation=1,
+                                 definition="<domain/>", disks=(wire.DiskInfo("vda", MiB, 65536),
+                                                                wire.DiskInfo("vdb", MiB, 65536)))
+    page = bytes([7]) * 4096
+    # vda arrives whole, vdb's layer is begun, then the sender vanishes.
+    hello, _, status = receive(dst_state, sender(header, [[(0, page)], [(0, page)]], complete=False))
+    assert status == 1 and hello.partial is None
+    hello, _, _ = receive(dst_state, sender(None))
+    assert hello.partial and (hello.partial.snapshot, hello.partial.base) == ("s1", None)
+    assert (hello.partial.disks["vda"], hello.partial.disks.get("vdb", 0)) == (MiB, 0)
+    for resume, detail in [({"vda": MiB, "vdb": MiB // 2}, f"disk vdb of s1 at offset {MiB // 2}, but this "
+                                                           "transfer is stored here up to 0"),
+                           ({"vda": MiB // 2}, f"disk vda of s1 at offset {MiB // 2}, but this transfer is "
+                                               f"stored here up to {MiB}")]:
+        crafted = replace(header, resume=resume)
+        rest = [[(o, page) for o in (MiB // 2, 3 * MiB // 4) if o >= resume.get(d.target, 0)]
+                for d in header.disks]
+        _, reader, status = receive(dst_state, sender(crafted, rest))
+        with pytest.raises(ProtocolError, match=f"^destination: the sender resumes {detail}"):
+            reader.expect(wire.Ok)
+        assert status == 1
+    # The honest resume, at the offsets the receiver reported, still completes.
+    honest = replace(header, resume={"vda": MiB})
+    _, reader, status = receive(dst_state, sender(honest, [[], [(0, page)]]))
+    assert reader.expect(wire.Ok) == wire.Ok("s1") and status == 0
+
+
+WRONG_OK = """
+import sys
+from vmrepl import wire
+reader, writer = wire.FrameReader(sys.stdin.buffer), wire.FrameWriter(sys.stdout.buffer)
+reader.expect(wire.Hello)
+writer.write(wire.ReceiverHello())
+while not isinstance(reader.read(), wire.Trailer):
+    pass
+writer.write(wire.Ok("someone-else"))
+"""
+
+
+def test_an_ok_for_another_snapshot_is_refused(make_vm, second_host, src_state, dst_state, run_vmrepl,
+                                               work_dir: Path) -> None:
+    """A receiver that confirms a snapshot other than the one sent has not committed it."""
+    vm = make_vm({"vda": 4 * MiB})
+    sid = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)["id"]
+    script = work_dir / "wrong_ok.py"
+    script.write_text(WRONG_OK)
+    remote = f"{VMREPL.parent / 'python'} {script}"
+    result = run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state, remote=remote),
+                        state_dir=src_state, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"vmrepl: the destination confirmed snapshot someone-else, not {sid} it was sent")

@@ -114,8 +114,11 @@ class _Session:
     def _partial(self) -> Partial | None:
         """The interrupted transfer, with each disk whose layer is already complete reported as done."""
         progress = self.store.partial(self.vm_uuid)
-        if progress is None:
-            return None
+        return None if progress is None else Partial(progress.snapshot_id, progress.base_id, self._durable(progress))
+
+    def _durable(self, progress: Progress) -> dict[str, int]:
+        """Per disk, the offset below which this transfer is stored: what the hello reports and the most a
+        resuming sender may skip."""
         offsets = dict(progress.offsets)
         for target in list(offsets):
             final = self.store.layer_path(self.vm_uuid, target, progress.snapshot_id)
@@ -123,7 +126,7 @@ class _Session:
                 offsets[target] = img.info(final)["virtual-size"]
             elif not partial_path(final).exists():
                 offsets[target] = 0
-        return Partial(progress.snapshot_id, progress.base_id, offsets)
+        return offsets
 
     def _receive(self, header: SnapshotHeader) -> None:
         catalog = self.store.catalog
@@ -142,7 +145,21 @@ class _Session:
             progress = None
         if resuming and progress is None:
             raise ProtocolError(f"the sender resumes {header.name}, but no partial transfer of it is here")
-        offsets = dict(progress.offsets) if progress else {}
+        durable = self._durable(progress) if progress else {}
+        for disk in header.disks:
+            # The digests cover only this stream: a start past what is stored here would leave a gap
+            # that reads the base, committed as if it were the snapshot. A complete layer is kept whole
+            # or written again from 0.
+            start, stored = header.resume.get(disk.target, 0), durable.get(disk.target, 0)
+            complete = self.store.layer_path(self.vm_uuid, disk.target, header.id).exists()
+            if start > stored or (complete and start and not start == stored == disk.virtual_size):
+                raise ProtocolError(f"the sender resumes disk {disk.target} of {header.name} at offset {start}, "
+                                    f"but this transfer is stored here up to {stored}",
+                                    hint="replicate again: the sender resumes from what the destination reports")
+        offsets = {disk.target: header.resume.get(disk.target, 0) for disk in header.disks}
+        if progress and offsets != progress.offsets:
+            # A disk restarts below its old resume point: the progress file must not claim more.
+            self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
         layers = []
         for disk in header.disks:
             final = self.store.layer_path(self.vm_uuid, disk.target, header.id)
