@@ -13,9 +13,11 @@ from __future__ import annotations
 import base64
 import getpass
 import hashlib
+import hmac
 import io
 import ipaddress
 import logging
+import os
 import re
 import socket
 import sys
@@ -31,7 +33,7 @@ sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 import paramiko  # noqa: E402
 
 from .errors import AuthError, HostKeyError, TransportError, UsageError
-from .state import write_file_durably
+from .state import fsync_dir
 
 DEFAULT_REMOTE_COMMAND = "vmrepl receive"
 # aes128-gcm is paramiko's fastest cipher (shared/PLATFORM.md); ctr modes are the fallbacks.
@@ -46,6 +48,7 @@ STDERR_KEEP = 64 << 10
 # each failure as its one-line error, so those records must not reach the root logger the CLI sets up.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
+log = logging.getLogger(__name__)
 
 
 def user_known_hosts() -> Path:
@@ -310,9 +313,9 @@ def connect(destination: str | Destination, *, identity: Path | None = None, kno
     sock = _open_socket(dest, timeout)
     transport = paramiko.Transport(sock)
     try:
-        host_keys = _load_host_keys(known_hosts)
-        _negotiate(transport, dest, host_keys.lookup(dest.known_hosts_name), timeout)
-        _check_host_key(transport.get_remote_server_key(), dest, host_keys, known_hosts, accept_new_host_key)
+        known = _load_known_hosts(known_hosts)
+        _negotiate(transport, dest, [k.key for k in known.lookup(dest.known_hosts_name)], timeout)
+        _check_host_key(transport.get_remote_server_key(), dest, known, known_hosts, accept_new_host_key)
         _authenticate(transport, dest, user, identity)
         try:
             channel = transport.open_session(timeout=timeout)
@@ -349,28 +352,99 @@ def _open_socket(dest: Destination, timeout: float) -> socket.socket:
     return sock
 
 
-def _load_host_keys(known_hosts: Path | None) -> paramiko.HostKeys:
-    keys = paramiko.HostKeys()
+@dataclass(frozen=True)
+class _KnownKey:
+    """One key line of a known_hosts file: its host patterns, its key and where it stands (FILE:LINE)."""
+    patterns: tuple[str, ...]
+    key: paramiko.PKey
+    where: str
+
+    def matches(self, name: str) -> bool:
+        """OpenSSH's rules: any pattern (hashed `|1|`, `*`/`?` wildcards) matches, and no `!pattern` does."""
+        hit = False
+        for pattern in self.patterns:
+            negated = pattern.startswith("!")
+            pattern = pattern.removeprefix("!")
+            if pattern.startswith("|1|"):
+                try:
+                    found = hmac.compare_digest(paramiko.HostKeys.hash_host(name, pattern), pattern)
+                except (ValueError, IndexError, AssertionError):  # a broken salt matches nothing
+                    found = False
+            else:
+                wildcard = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
+                found = re.fullmatch(wildcard, name, re.IGNORECASE) is not None
+            if found and negated:
+                return False
+            hit = hit or found
+        return hit
+
+
+@dataclass(frozen=True)
+class _KnownHosts:
+    keys: tuple[_KnownKey, ...]
+    revoked: tuple[_KnownKey, ...]  # @revoked lines: refused for every host
+
+    def lookup(self, name: str) -> list[_KnownKey]:
+        return [k for k in self.keys if k.matches(name)]
+
+
+def _load_known_hosts(known_hosts: Path | None) -> _KnownHosts:
+    """The keys of ~/.ssh/known_hosts and `known_hosts`. A line paramiko cannot read is skipped with a
+    warning naming it (OpenSSH skips it too): one bad line must not stop every replication."""
+    keys: list[_KnownKey] = []
+    revoked: list[_KnownKey] = []
     for path in (user_known_hosts(), known_hosts):
-        if path is not None and path.exists():
-            try:
-                keys.load(str(path))
-            except (OSError, paramiko.SSHException) as err:
-                raise HostKeyError(f"cannot read known hosts file {path}: {err}",
-                                   hint="fix or remove the broken line") from None
-    return keys
+        if path is None or not path.exists():
+            continue
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError as err:
+            raise HostKeyError(f"cannot read known hosts file {path}: {err.strerror or err}",
+                               hint="check its permissions") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            where = f"{path}:{number}"
+            marker = fields.pop(0) if fields[0].startswith("@") else None
+            if marker not in (None, "@revoked"):
+                log.debug("%s: %s line skipped: vmrepl does not use host certificates", where, marker)
+                continue
+            key = _parse_key(fields, where)
+            if key is not None:
+                (revoked if marker else keys).append(_KnownKey(tuple(fields[0].split(",")), key, where))
+    return _KnownHosts(tuple(keys), tuple(revoked))
 
 
-def _negotiate(transport: paramiko.Transport, dest: Destination, known: paramiko.hostkeys.HostKeyEntry | None,
+def _parse_key(fields: list[str], where: str) -> paramiko.PKey | None:
+    if len(fields) < 3:
+        log.warning("%s: skipped a known_hosts line without host, key type and key", where)
+        return None
+    try:
+        return paramiko.PKey.from_type_string(fields[1], base64.b64decode(fields[2], validate=True))
+    except paramiko.UnknownKeyType:
+        log.debug("%s: skipped a %s key, a type paramiko does not support", where, fields[1][:40])
+    except (ValueError, TypeError, paramiko.SSHException) as err:
+        log.warning("%s: skipped a known_hosts line whose key cannot be read (%s)", where, str(err)[:80])
+    return None
+
+
+def _key_types(keys: list[paramiko.PKey]) -> set[str]:
+    """The host key algorithms that present `keys`: an ssh-rsa key is offered as rsa-sha2-512/256."""
+    names = {k.get_name() for k in keys}
+    return names | ({"rsa-sha2-512", "rsa-sha2-256"} if "ssh-rsa" in names else set())
+
+
+def _negotiate(transport: paramiko.Transport, dest: Destination, known: list[paramiko.PKey],
                timeout: float) -> None:
     options = transport.get_security_options()
     options.ciphers = tuple(c for c in CIPHERS if c in options.ciphers)
     options.compression = ("none",)  # the stream is compressed by vmrepl already
-    if known:
-        # Ask for a key type we know for this host, so a second key type is not taken for a change.
-        preferred = [k for k in options.key_types if k in known.keys()]
-        if preferred:
-            options.key_types = tuple(preferred + [k for k in options.key_types if k not in preferred])
+    # Ask for a key type we know for this host first, so a second key type is not taken for a change.
+    wanted = _key_types(known)
+    preferred = [k for k in options.key_types if k in wanted]
+    if preferred:
+        options.key_types = tuple(preferred + [k for k in options.key_types if k not in preferred])
     try:
         transport.start_client(timeout=timeout)
     except (paramiko.SSHException, EOFError, OSError) as err:
@@ -383,24 +457,53 @@ def _fingerprint(key: paramiko.PKey) -> str:
     return f"{key.get_name()} SHA256:{digest}"
 
 
-def _check_host_key(key: paramiko.PKey, dest: Destination, host_keys: paramiko.HostKeys,
-                    known_hosts: Path | None, accept_new: bool) -> None:
+def _check_host_key(key: paramiko.PKey, dest: Destination, known_hosts: _KnownHosts, path: Path | None,
+                    accept_new: bool) -> None:
     name = dest.known_hosts_name
-    known = host_keys.lookup(name)
-    if known:
-        if known.get(key.get_name()) == key:
-            return
-        raise HostKeyError(f"host key of {name} has CHANGED (now {_fingerprint(key)}); refusing to connect",
+    revoked = next((k for k in known_hosts.revoked if k.key == key), None)
+    if revoked is not None:
+        raise HostKeyError(f"host key of {name} ({_fingerprint(key)}) is revoked ({revoked.where}); refusing "
+                           "to connect", hint="give the host a new key and add it to known_hosts")
+    known = known_hosts.lookup(name)
+    if any(k.key == key for k in known):
+        return
+    same_type = [k for k in known if k.key.get_name() == key.get_name()]
+    if same_type:
+        raise HostKeyError(f"host key of {name} has CHANGED (now {_fingerprint(key)}, known at "
+                           f"{same_type[0].where}); refusing to connect",
                            hint="if the host was reinstalled, remove its old line from known_hosts and retry")
+    if known:
+        types = ", ".join(sorted({k.key.get_name() for k in known}))
+        raise HostKeyError(f"host key of {name} is unknown ({_fingerprint(key)}), and the host no longer offers "
+                           f"the key types known for it ({types}); refusing to connect",
+                           hint="if its keys were replaced, check the new fingerprint, then add it to known_hosts")
     if not accept_new:
         raise HostKeyError(f"host key of {name} is unknown ({_fingerprint(key)})",
                            hint="add it to known_hosts or pass --accept-new-host-key")
-    path = known_hosts or user_known_hosts()
+    _append_known_host(path or user_known_hosts(), f"{name} {key.get_name()} {key.get_base64()}\n")
+
+
+def _append_known_host(path: Path, line: str) -> None:
+    """Append `line` in place (O_APPEND), keeping the file's mode, owner and symlinks, and fsync it."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    write_file_durably(path, f"{old}{name} {key.get_name()} {key.get_base64()}\n".encode())
+    created = not path.exists()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise HostKeyError(f"cannot record the host key in {path}: {err.strerror or err}",
+                           hint="check its permissions, or add the key with ssh-keyscan") from None
+    try:
+        size = os.fstat(fd).st_size
+        data = line.encode()
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # a last line without its newline must not run into ours
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.resolve().parent)
 
 
 def _authenticate(transport: paramiko.Transport, dest: Destination, user: str, identity: Path | None) -> None:
@@ -408,9 +511,15 @@ def _authenticate(transport: paramiko.Transport, dest: Destination, user: str, i
     if identity is not None:
         _try_keys(transport, dest, user, [(str(identity), _load_key(identity))])
         return
-    agent = paramiko.Agent()  # without SSH_AUTH_SOCK it simply has no keys
+    agent: paramiko.Agent | None = None
     try:
+        agent = paramiko.Agent()  # without SSH_AUTH_SOCK it simply has no keys
         candidates = [(f"agent key {_fingerprint(k)}", k) for k in agent.get_keys()]
+    except (paramiko.SSHException, OSError, EOFError) as err:
+        log.warning("ssh-agent at %s does not answer (%s); trying the key files only",
+                    os.environ.get("SSH_AUTH_SOCK"), err or type(err).__name__)
+        candidates = []
+    try:
         home = Path("~/.ssh").expanduser()
         for name in DEFAULT_KEYS:
             path = home / name
@@ -421,7 +530,8 @@ def _authenticate(transport: paramiko.Transport, dest: Destination, user: str, i
                     continue  # an encrypted default key: the agent is the way to use it
         _try_keys(transport, dest, user, candidates)
     finally:
-        agent.close()
+        if agent is not None:
+            agent.close()
 
 
 def _try_keys(transport: paramiko.Transport, dest: Destination, user: str,
@@ -447,7 +557,9 @@ def _try_keys(transport: paramiko.Transport, dest: Destination, user: str,
 def _load_key(path: Path) -> paramiko.PKey:
     try:
         return paramiko.PKey.from_path(path)
-    except paramiko.PasswordRequiredException:
-        raise AuthError(f"identity {path} is encrypted", hint="load it into ssh-agent instead") from None
+    except (paramiko.PasswordRequiredException, TypeError):  # TypeError: cryptography's, for OpenSSH-format keys
+        raise AuthError(f"identity {path} is encrypted",
+                        hint="load it into ssh-agent (ssh-add) and leave out --identity: with it, vmrepl uses "
+                             "only that file") from None
     except (OSError, paramiko.SSHException, ValueError) as err:
         raise AuthError(f"cannot load identity {path}: {err}", hint="pass an OpenSSH private key file") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -208,3 +209,41 @@ def test_dropped_connection_is_retryable(host: SecondHost) -> None:
     assert info.value.retryable
     conn.close()
 
+
+
+def test_a_broken_agent_is_passed_over(host: SecondHost, isolated_home: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SSH_AUTH_SOCK whose agent hangs up: the default key files still log in."""
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def hang_up() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                server.accept()[0].close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(path))
+    (isolated_home / ".ssh").mkdir()
+    (isolated_home / ".ssh" / "id_ed25519").write_bytes(host.identity.read_bytes())
+    try:
+        with transport.connect(host.destination, known_hosts=host.known_hosts, remote_command="echo hi") as conn:
+            assert conn.reader.read() == b"hi\n"
+    finally:
+        server.close()
+
+
+def test_an_encrypted_identity_names_what_to_do(host: SecondHost, tmp_path: Path) -> None:
+    key = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(key)], check=True)
+    with pytest.raises(AuthError, match=r"is encrypted; load it into ssh-agent \(ssh-add\) and leave out --identity"):
+        open_to(host, "true", identity=key)
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e400", "0", "-5M", "12Q"])
+def test_bad_rates_are_usage_errors(text: str) -> None:
+    from vmrepl.cli.common import parse_rate
+    with pytest.raises(UsageError, match=f"invalid rate {text!r}"):
+        parse_rate(text)

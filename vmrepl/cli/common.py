@@ -122,7 +122,7 @@ def parse_rate(text: str | None) -> int | None:
     number, unit = text.rstrip("KMGkmg"), text[len(text.rstrip("KMGkmg")):].upper()
     try:
         rate = int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: "inf"
         raise UsageError(f"invalid rate {text!r}", hint="give bytes per second, e.g. 500K, 20M or 1G") from None
     if rate <= 0:
         raise UsageError(f"invalid rate {text!r}", hint="the rate must be positive")
