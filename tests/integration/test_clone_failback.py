@@ -3,12 +3,18 @@ as deltas on the anchor (issue 6 items 5 and 6)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 
 import libvirt
+import pytest
 
 from testbed.vm import VM, remove_domain, vm_name
+from vmrepl.catalog import Catalog
+from vmrepl.errors import SourceError
 from vmrepl.qemu import img
+from vmrepl.source.define import define_on_snapshot
 
 MiB = 1 << 20
 
@@ -164,3 +170,17 @@ def test_retention_after_failover_and_failback_prunes_both_kinds(make_vm, second
 
 def names(run_vmrepl, state, vm) -> list[str]:
     return [s["name"] for s in run_vmrepl("list", vm.name, "--json", state_dir=state).json()]
+
+
+def test_a_recover_that_libvirt_refuses_leaves_no_trace(make_vm, libvirt_conn, work_dir, src_state, run_vmrepl):
+    """Its `recovered/ID/` directory would keep the snapshot from ever being pruned, and its overlays
+    would stand on the layers: both go when libvirt refuses the definition."""
+    vm = make_vm({"vda": 16 * MiB}, start=False)
+    snap = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
+    with Catalog(src_state) as catalog:
+        stored = catalog.snapshot(snap["vm_uuid"], snap["id"])
+    broken = dataclasses.replace(stored, definition=re.sub(r"<memory([^>]*)>\d+<", r"<memory\1>lots<", stored.definition))
+    marker = work_dir / "recovered" / stored.id
+    with pytest.raises(SourceError, match="libvirt refused the definition"):
+        define_on_snapshot(libvirt_conn, broken, vm_name("recovered"), marker, keep_uuid=False)
+    assert not marker.exists() and (work_dir / "recovered").is_dir()

@@ -31,11 +31,11 @@ def recover(env: Env, vm: str, snapshot_ref: str, new_name: str | None, start: b
 
     with env.catalog() as catalog:
         uuid = catalog_vm(catalog, vm)
-        snap = catalog.snapshot(uuid, snapshot_ref)
-        name = safe_name("VM name", new_name or snap.vm_name)
         conn = domain.connect(env.connect)
         try:
-            with vm_lock(env.state_dir, uuid):
+            with vm_lock(env.state_dir, uuid):  # before the snapshot is looked up: a prune may be removing it
+                snap = catalog.snapshot(uuid, snapshot_ref)
+                name = safe_name("VM name", new_name or snap.vm_name)
                 dom = define_on_snapshot(conn, snap, name, env.state_dir / "vms" / uuid / "recovered" / snap.id,
                                          keep_uuid=new_name is None)
                 catalog.upsert_vm(dom.UUIDString(), name)

@@ -35,6 +35,7 @@ def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, over
         for interface in root.iterfind("./devices/interface"):  # a copy must not share MAC addresses
             if (mac := interface.find("mac")) is not None:
                 interface.remove(mac)
+    fresh_dir = not overlay_dir.exists()  # recover's `recovered/ID/` marks the snapshot as stood on
     overlay_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     made: list[Path] = []
     try:
@@ -62,4 +63,6 @@ def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, over
     except BaseException:
         for overlay in made:
             overlay.unlink(missing_ok=True)
+        if fresh_dir:
+            overlay_dir.rmdir()
         raise
