@@ -210,6 +210,25 @@ def test_killed_sender_resumes_without_resending(rig: Rig, replicated) -> None:
     rig.recovers(replicated, snap, resend_at_most=0.5)
 
 
+def test_a_damaged_partial_layer_is_sent_again(rig: Rig, replicated) -> None:
+    """A partial layer with a resume point that no longer reads as qcow2 (a disk error under it) is
+    dropped and its disk sent again; before, every resume was refused until someone deleted it by hand."""
+    snap = rig.snapshot({"vda": 14 * MiB, "vdb": 2 * MiB})
+    sender = rig.start_replicate("--bwlimit", "1M")
+    damaged = rig.layer_file(snap, "vda").with_name(f".{snap['id']}.qcow2.partial")
+    try:
+        receiver = rig.receiver()
+        wait_until(lambda: (rig.progress(snap) or {}).get("offsets", {}).get("vda", 0) > 0,
+                   "the receiver saved a resume point inside vda")
+        os.kill(receiver, signal.SIGKILL)
+        outcome(sender)
+    finally:
+        sender.kill()
+    with open(damaged, "r+b") as layer:
+        layer.write(bytes(4096))  # the qcow2 header gone
+    rig.recovers(replicated, snap)  # vda again from its start (with vdb, which had not begun)
+
+
 def test_killed_receiver_resumes_from_its_last_progress_point(rig: Rig, replicated) -> None:
     """vda alone takes 14 s, past the receiver's 10 s progress interval (PROGRESS_SECONDS)."""
     snap = rig.snapshot({"vda": 14 * MiB, "vdb": 2 * MiB})

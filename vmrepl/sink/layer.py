@@ -43,6 +43,15 @@ def partial_path(final_path: Path) -> Path:
     return final_path.with_name(f".{final_path.name}.partial")
 
 
+def is_sound(layer: Path) -> bool:
+    """Whether `qemu-img check` finds the layer usable (readable as qcow2, no corruption)."""
+    try:
+        report = img.check(layer)
+    except VmreplError:
+        return False
+    return not (report.get("corruptions") or report.get("check-errors"))
+
+
 class LayerWriter:
     """`with LayerWriter(...) as w: w.write(...); ...; w.commit()`; leaving without commit() aborts."""
 
@@ -71,8 +80,7 @@ class LayerWriter:
         path = partial_path(final_path)
         if not path.is_file():
             raise SinkError(f"no partial layer {path} to resume", hint="restart the transfer")
-        report = img.check(path)
-        if report.get("corruptions") or report.get("check-errors"):
+        if not is_sound(path):
             raise SinkError(f"partial layer {path} is corrupt", hint="drop it and restart the transfer")
         info = img.info(path, force_share=False)
         assert isinstance(info, dict)

@@ -27,12 +27,12 @@ from ..digest import image_digest
 from ..errors import ProtocolError, SinkError, TransportError, VmreplError
 from ..qemu import img
 from ..qemu.storage_daemon import StorageDaemon, pread
-from ..state import vm_lock
+from ..state import fsync_dir, vm_lock
 from ..wire import (BlockDigestReply, BlockDigestRequest, Data, DiskEnd, End, Error, FrameReader, FrameWriter,
                     HeldSnapshot, Hello, Ok, Partial, ReceiverHello, SnapshotHeader, Trailer, VerifyReply,
                     VerifyRequest, Zero, block_digest)
 from . import chain
-from .layer import LayerWriter, partial_path
+from .layer import LayerWriter, is_sound, partial_path
 from .store import Progress, Store
 
 PROGRESS_BYTES = 256 << 20   # a resume point (flush + progress file) every this many bytes received
@@ -125,6 +125,12 @@ class _Session:
             if final.exists():
                 offsets[target] = img.info(final)["virtual-size"]
             elif not partial_path(final).exists():
+                offsets[target] = 0
+            elif not is_sound(partial_path(final)):
+                # unusable (a disk error, a crash of the storage itself): resending that disk beats
+                # refusing every resume until someone deletes it by hand
+                partial_path(final).unlink()
+                fsync_dir(final.parent)
                 offsets[target] = 0
         return offsets
 
@@ -273,3 +279,4 @@ class _Session:
         if snap is None:
             return None
         return {layer.target: image_digest(layer.image, daemon=self.daemon) for layer in snap.disks}
+
