@@ -10,6 +10,7 @@ import re
 import libvirt
 import pytest
 
+from tests.integration.test_prune import names
 from testbed.vm import VM, remove_domain, vm_name
 from vmrepl.catalog import Catalog
 from vmrepl.errors import SourceError
@@ -167,9 +168,6 @@ def test_retention_after_failover_and_failback_prunes_both_kinds(make_vm, second
     finally:
         remove_domain(dst_conn, vm.name)
 
-
-def names(run_vmrepl, state, vm) -> list[str]:
-    return [s["name"] for s in run_vmrepl("list", vm.name, "--json", state_dir=state).json()]
 
 
 def test_a_recover_that_libvirt_refuses_leaves_no_trace(make_vm, libvirt_conn, work_dir, src_state, run_vmrepl):

@@ -43,13 +43,10 @@ def test_prune_keeps_anchors_and_a_pruned_snapshot_stays_a_base(make_vm, second_
     assert sent["base"] == names_to_ids(run_vmrepl, src_state, vm)["s2"]
     assert 2 * MiB <= sent["bytes_sent"] <= 2 * MiB * 1.02 + 64 * 1024  # s3's and s4's changes, nothing more
 
-    # The source forgets this destination (its record is gone), so s4, held there, is no anchor any more.
+    # The source forgets this destination, so s4, held there, is no anchor any more.
     vm.write_random("vda", 32 * MiB, MiB)
     run_vmrepl("snapshot", vm.name, "--name", "s5", state_dir=src_state)
-    db = sqlite3.connect(src_state / "catalog.sqlite")
-    with db:
-        db.execute("DELETE FROM targets")
-    db.close()
+    forget_targets(src_state)
     run_vmrepl("prune", vm.name, "--keep", "last=1", state_dir=src_state)
     assert names(run_vmrepl, src_state, vm) == ["s5"]
     plan = run_vmrepl("replicate", vm.name, "--dry-run", *second_host.vmrepl_args(dst_state), state_dir=src_state)
@@ -67,13 +64,27 @@ def names_to_ids(run_vmrepl, state, vm) -> dict[str, str]:
     return {s["name"]: s["id"] for s in run_vmrepl("list", vm.name, "--json", state_dir=state).json()}
 
 
-def test_prune_of_a_shut_off_domain(make_vm, second_host, src_state, dst_state, run_vmrepl):
-    vm = make_vm({"vda": 32 * MiB, "vdb": 16 * MiB}, start=False)
-    for i in range(4):
+def replicated_vm(make_vm, second_host, src_state, dst_state, run_vmrepl, *, snapshots: int, running: bool):
+    """A two-disk VM with snapshots s1..sN, each with its own patterns, all on the destination."""
+    vm = make_vm({"vda": 32 * MiB, "vdb": 16 * MiB}, start=running)
+    for i in range(snapshots):
         vm.write_pattern("vda", i * MiB, MiB, 0x30 + i)
         vm.write_pattern("vdb", i * 65536, 65536, 0x40 + i)
         run_vmrepl("snapshot", vm.name, "--name", f"s{i + 1}", state_dir=src_state)
     run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
+    return vm
+
+
+def forget_targets(state) -> None:
+    """The source forgets its destinations (their records are gone): no snapshot is an anchor any more."""
+    db = sqlite3.connect(state / "catalog.sqlite")
+    with db:
+        db.execute("DELETE FROM targets")
+    db.close()
+
+
+def test_prune_of_a_shut_off_domain(make_vm, second_host, src_state, dst_state, run_vmrepl):
+    vm = replicated_vm(make_vm, second_host, src_state, dst_state, run_vmrepl, snapshots=4, running=False)
     result = run_vmrepl("prune", vm.name, "--keep", "last=1", "--json", state_dir=src_state).json()
     assert result["pruned"] == ["s1", "s2", "s3"]
     assert names(run_vmrepl, src_state, vm) == ["s4"]
@@ -98,16 +109,8 @@ def test_a_prune_killed_at_each_step_is_finished_by_the_next(make_vm, second_hos
                                                              running, step):
     """The pruned snapshot turns into a ghost before its layer takes the younger one's data, so no
     visible snapshot ever reads wrong; the next prune finishes the merge and leaves no stray file."""
-    vm = make_vm({"vda": 32 * MiB, "vdb": 16 * MiB}, start=running)
-    for i in range(3):
-        vm.write_pattern("vda", i * MiB, MiB, 0x30 + i)
-        vm.write_pattern("vdb", i * 65536, 65536, 0x40 + i)
-        run_vmrepl("snapshot", vm.name, "--name", f"s{i + 1}", state_dir=src_state)
-    run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
-    db = sqlite3.connect(src_state / "catalog.sqlite")
-    with db:
-        db.execute("DELETE FROM targets")  # no anchor: s1 and s2 may go
-    db.close()
+    vm = replicated_vm(make_vm, second_host, src_state, dst_state, run_vmrepl, snapshots=3, running=running)
+    forget_targets(src_state)  # no anchor: s1 and s2 may go
     files = {p.name for p in vm.dir.iterdir()}
 
     crashed = run_vmrepl("prune", vm.name, "--keep", "last=1", env={CRASH_ENV: step}, check=False)
