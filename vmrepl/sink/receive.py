@@ -88,13 +88,15 @@ class _Session:
                  hello: Hello) -> None:
         self.reader, self.writer, self.store, self.daemon = reader, writer, store, daemon
         self.vm_uuid, self.vm_name, self.since_generation = hello.vm_uuid, hello.vm_name, hello.since_generation
+        self.reported: Partial | None = None  # the resumable transfer this session's hello told the sender of
 
     def run(self) -> None:
         chain.finish_insertions_or_warn(self.store, self.daemon, self.vm_uuid)
         held = self.store.held(self.vm_uuid)
+        self.reported = self._partial()
         self.writer.write(ReceiverHello(
             snapshots=tuple(HeldSnapshot(s.id, s.parent, s.created_ns, s.generation) for s in held),
-            partial=self._partial(), pruned=self.store.pruned(self.vm_uuid, since_generation=self.since_generation)))
+            partial=self.reported, pruned=self.store.pruned(self.vm_uuid, since_generation=self.since_generation)))
         while True:
             message = self.reader.read()
             if isinstance(message, SnapshotHeader):
@@ -117,8 +119,8 @@ class _Session:
         return None if progress is None else Partial(progress.snapshot_id, progress.base_id, self._durable(progress))
 
     def _durable(self, progress: Progress) -> dict[str, int]:
-        """Per disk, the offset below which this transfer is stored: what the hello reports and the most a
-        resuming sender may skip."""
+        """Per disk, the offset below which this transfer is stored: what the hello reports, and so the
+        most a resuming sender may skip."""
         offsets = dict(progress.offsets)
         for target in list(offsets):
             final = self.store.layer_path(self.vm_uuid, target, progress.snapshot_id)
@@ -151,7 +153,8 @@ class _Session:
             progress = None
         if resuming and progress is None:
             raise ProtocolError(f"the sender resumes {header.name}, but no partial transfer of it is here")
-        durable = self._durable(progress) if progress else {}
+        reported = self.reported
+        durable = reported.disks if progress and reported and reported.snapshot == header.id else {}
         for disk in header.disks:
             # The digests cover only this stream: a start past what is stored here would leave a gap
             # that reads the base, committed as if it were the snapshot. A complete layer is kept whole
@@ -279,4 +282,3 @@ class _Session:
         if snap is None:
             return None
         return {layer.target: image_digest(layer.image, daemon=self.daemon) for layer in snap.disks}
-
