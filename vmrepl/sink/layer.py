@@ -75,13 +75,12 @@ class LayerWriter:
     def resume(cls, final_path: Path, *, daemon: StorageDaemon, keep_partial: bool = True,
                backing_node: str | None = None) -> LayerWriter:
         """Reopen the partial layer an interrupted transfer kept. Data the writer had not flushed
-        (`flush()`) before the interruption may be missing: resume from the last flushed point."""
+        (`flush()`) before the interruption may be missing: resume from the last flushed point. The
+        caller checks first that the partial `is_sound` (the receiver does, before its hello)."""
         final_path = Path(final_path)
         path = partial_path(final_path)
         if not path.is_file():
             raise SinkError(f"no partial layer {path} to resume", hint="restart the transfer")
-        if not is_sound(path):
-            raise SinkError(f"partial layer {path} is corrupt", hint="drop it and restart the transfer")
         info = img.info(path, force_share=False)
         assert isinstance(info, dict)
         backing = info.get("full-backing-filename")

@@ -150,11 +150,15 @@ def finish_merges(dom: libvirt.virDomain, catalog: Catalog, vm_uuid: str) -> Non
             Path(m.top).unlink(missing_ok=True)
             fsync_dir(Path(m.top).parent)
         catalog.end_merge(gone_id)
-        gone = catalog.find_snapshot(gone_id)
-        try:
-            dom.snapshotLookupByName(gone.name if gone else "").delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-        except libvirt.libvirtError:
-            pass  # no libvirt metadata for it (taken elsewhere, or already removed by hand)
+        _forget_in_libvirt(dom, catalog.find_snapshot(gone_id))
+
+
+def _forget_in_libvirt(dom: libvirt.virDomain, gone: Snapshot | None) -> None:
+    try:
+        if gone is not None:
+            dom.snapshotLookupByName(gone.name).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+    except libvirt.libvirtError:
+        pass  # no libvirt metadata for it (taken elsewhere, or already removed by hand)
 
 
 def _block_commit(dom: libvirt.virDomain, target: str, *, base: str, top: str) -> None:
