@@ -39,8 +39,9 @@ def resolve_state_dir(option: str | None) -> Path:
 
 
 @contextlib.contextmanager
-def vm_lock(state_dir: Path, vm_uuid: str, *, wait_seconds: float = 0.0) -> Iterator[None]:
-    """Hold the VM's lock for the block; a second run on the same VM waits up to `wait_seconds`."""
+def vm_lock(state_dir: Path, vm_uuid: str, *, wait_seconds: float = 0.0, which: str = "this VM") -> Iterator[None]:
+    """Hold the VM's lock for the block; a second run on the same VM waits up to `wait_seconds`. `which`
+    names the VM in the error."""
     locks = state_dir / "locks"
     locks.mkdir(exist_ok=True)
     fd = os.open(locks / f"{vm_uuid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -55,7 +56,7 @@ def vm_lock(state_dir: Path, vm_uuid: str, *, wait_seconds: float = 0.0) -> Iter
                     raise
                 if time.monotonic() >= deadline:
                     raise LockedError(
-                        "another vmrepl run is working on this VM", hint="wait for it to finish, then retry"
+                        f"another vmrepl run is working on {which}", hint="wait for it to finish, then retry"
                     ) from None
                 time.sleep(0.2)
         yield

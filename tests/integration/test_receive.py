@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import subprocess
 from collections.abc import Sequence
@@ -17,8 +18,9 @@ import pytest
 from testbed import VMREPL
 from tests.integration.test_replicate import assert_destination_matches, listing, replicate
 from vmrepl import wire
-from vmrepl.errors import ProtocolError
+from vmrepl.errors import LockedError, ProtocolError
 from vmrepl.sink.chain import backing_of
+from vmrepl.state import vm_lock
 
 MiB = 1 << 20
 DISKS = {"vda": 32 * MiB, "vdb": 16 * MiB}
@@ -96,22 +98,26 @@ def test_a_silent_sender_does_not_hold_the_receiver_forever(dst_state):
     assert err.strip() == "vmrepl: the sender sent nothing for 1 s; giving up; run replicate again: it resumes what arrived"
 
 
-def receive(dst_state: Path, stream: bytes) -> tuple[wire.ReceiverHello, wire.FrameReader, int]:
+VM_UUID = "6a1c1a55-2f7e-4c1b-9d7e-0f1e2d3c4b5a"
+
+
+def receive(dst_state: Path, stream: bytes, env: dict[str, str] | None = None
+            ) -> tuple[wire.ReceiverHello, wire.FrameReader, int]:
     """One `vmrepl receive` session fed `stream` (the sender's whole side, written up front): its hello,
     a reader of the rest of its answer, and its exit status."""
     proc = subprocess.run([str(VMREPL), "receive", "--state-dir", str(dst_state)], input=stream,
-                          capture_output=True, timeout=60)
+                          capture_output=True, timeout=60, env={**os.environ, **(env or {})})
     reader = wire.FrameReader(io.BytesIO(proc.stdout), peer="destination")
     return reader.expect(wire.ReceiverHello), reader, proc.returncode
 
 
 def sender(header: wire.SnapshotHeader | None, disks: Sequence[Sequence[tuple[int, bytes]]] = (), *,
-           complete: bool = True) -> bytes:
+           complete: bool = True, vm_uuid: str = VM_UUID) -> bytes:
     """The sender's stream: hello, `header`, then per disk its DATA frames and DISK_END (the last disk's
     DISK_END and the trailer only if `complete`); only the hello without a header."""
     out = io.BytesIO()
     w = wire.FrameWriter(out)
-    w.write(wire.Hello(vm_uuid=VM_UUID, vm_name="crafted"))
+    w.write(wire.Hello(vm_uuid=vm_uuid, vm_name=f"crafted-{vm_uuid[:4]}"))
     if header is None:
         return out.getvalue()
     w.write(header)
@@ -125,9 +131,6 @@ def sender(header: wire.SnapshotHeader | None, disks: Sequence[Sequence[tuple[in
         w.write(wire.End())
     w.flush()
     return out.getvalue()
-
-
-VM_UUID = "6a1c1a55-2f7e-4c1b-9d7e-0f1e2d3c4b5a"
 
 
 def test_a_resume_past_what_the_receiver_stored_is_refused(dst_state: Path) -> None:
@@ -158,6 +161,29 @@ def test_a_resume_past_what_the_receiver_stored_is_refused(dst_state: Path) -> N
     honest = replace(header, resume={"vda": MiB})
     _, reader, status = receive(dst_state, sender(honest, [[], [(0, page)]]))
     assert reader.expect(wire.Ok) == wire.Ok("s1") and status == 0
+
+
+def test_a_clone_waits_for_its_origin_vm(dst_state: Path) -> None:
+    """A linked clone's layer stands on its origin VM's: the receiver holds the origin's lock too (a prune of
+    the origin could remove the base meanwhile), waiting for it, then failing with a message naming it."""
+    origin_uuid = "0c1a55e5-2f7e-4c1b-9d7e-0f1e2d3c4b5a"
+    disk = wire.DiskInfo("vda", MiB, 65536)
+    origin = wire.SnapshotHeader(id="o1", name="o1", parent=None, base=None, created_ns=1, generation=1,
+                                 definition="<domain/>", disks=(disk,))
+    _, reader, status = receive(dst_state, sender(origin, [[(0, bytes([1]) * 65536)]], vm_uuid=origin_uuid))
+    assert reader.expect(wire.Ok) == wire.Ok("o1") and status == 0
+    clone = replace(origin, id="c1", name="c1", parent="o1", base="o1", created_ns=2, generation=2)
+    stream = sender(clone, [[(65536, bytes([2]) * 65536)]])
+    with vm_lock(dst_state, origin_uuid):
+        _, reader, status = receive(dst_state, stream, env={"VMREPL_ORIGIN_LOCK_SECONDS": "1"})
+    with pytest.raises(LockedError, match="^destination: another vmrepl run is working on VM crafted-0c1a, "
+                                          "the origin of this clone; wait for it to finish, then retry$"):
+        reader.expect(wire.Ok)
+    assert status == 1 and not list(dst_state.glob(f"vms/{VM_UUID}/disks/vda/*"))
+    _, reader, status = receive(dst_state, stream)
+    assert reader.expect(wire.Ok) == wire.Ok("c1") and status == 0
+    layer = dst_state / "vms" / VM_UUID / "disks" / "vda" / "c1.qcow2"
+    assert backing_of(layer) == dst_state / "vms" / origin_uuid / "disks" / "vda" / "o1.qcow2"
 
 
 WRONG_OK = """

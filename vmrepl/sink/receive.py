@@ -42,6 +42,9 @@ READ_AHEAD_BYTES = 16 << 20  # ... while they hold at most this much
 PIPE_BYTES = 1 << 20         # stdin's pipe buffer (Linux allows up to /proc/sys/fs/pipe-max-size)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 IDLE_SECONDS = float(os.environ.get("VMREPL_RECEIVE_IDLE_SECONDS", 900))  # silence that ends a session
+# How long a linked clone's snapshot waits for its origin VM's lock (held by a prune or a session of the
+# origin) before the session fails; the sender waits meanwhile.
+ORIGIN_LOCK_SECONDS = float(os.environ.get("VMREPL_ORIGIN_LOCK_SECONDS", 600))
 
 
 class _IdleLimitedInput(io.RawIOBase):
@@ -137,15 +140,30 @@ class _Session:
         return offsets
 
     def _receive(self, header: SnapshotHeader) -> None:
-        catalog = self.store.catalog
-        known = catalog.find_snapshot(header.id)
+        known = self.store.catalog.find_snapshot(header.id)
         if known is not None and known.held:
             self._discard(header)  # a second copy (e.g. two senders raced): a no-op, still checked
             return
-        base = catalog.find_snapshot(header.base) if header.base else None
-        if header.base and (base is None or not base.held):  # a ghost has no layer of its own to stand on
+        with contextlib.ExitStack() as origin_lock:
+            self._receive_on(header, self._base(header, origin_lock))
+
+    def _base(self, header: SnapshotHeader, origin_lock: contextlib.ExitStack) -> Snapshot | None:
+        """The held snapshot the new layers stand on. A linked clone's is its origin VM's: that VM's lock is
+        taken too (into `origin_lock`, held to the commit), so that a prune of the origin cannot remove
+        the base while layers are being written on it."""
+        if not header.base:
+            return None
+        base = self.store.catalog.find_snapshot(header.base)
+        if base is not None and base.vm_uuid != self.vm_uuid:
+            origin_lock.enter_context(vm_lock(self.store.state_dir, base.vm_uuid, wait_seconds=ORIGIN_LOCK_SECONDS,
+                                              which=f"VM {base.vm_name}, the origin of this clone"))
+            base = self.store.catalog.find_snapshot(header.base)  # pruned before the lock was ours?
+        if base is None or not base.held:  # a ghost has no layer of its own to stand on
             raise SinkError(f"base snapshot {header.base} of {header.name} is not held here",
                             hint="replicate again: the sender will choose another base")
+        return base
+
+    def _receive_on(self, header: SnapshotHeader, base: Snapshot | None) -> None:
         progress = self.store.partial(self.vm_uuid)
         resuming = bool(header.resume)
         if progress and (not resuming or progress.snapshot_id != header.id or progress.base_id != header.base):

@@ -39,6 +39,7 @@ class Progress:
 
 class Store:
     def __init__(self, state_dir: Path, catalog: Catalog) -> None:
+        self.state_dir = state_dir
         self.root = state_dir / "vms"
         self.catalog = catalog
 
