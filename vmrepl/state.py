@@ -30,7 +30,7 @@ def resolve_state_dir(option: str | None) -> Path:
     if path.exists() and not path.is_dir():
         raise StateError(f"state dir {path} is not a directory", hint="pass --state-dir DIR")
     try:
-        path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        make_dir_durably(path)
     except OSError as err:
         raise StateError(f"cannot create state dir {path}: {err.strerror}", hint="pass --state-dir DIR") from err
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
@@ -42,8 +42,7 @@ def resolve_state_dir(option: str | None) -> Path:
 def vm_lock(state_dir: Path, vm_uuid: str, *, wait_seconds: float = 0.0, which: str = "this VM") -> Iterator[None]:
     """Hold the VM's lock for the block; a second run on the same VM waits up to `wait_seconds`. `which`
     names the VM in the error."""
-    locks = state_dir / "locks"
-    locks.mkdir(exist_ok=True)
+    locks = make_dir_durably(state_dir / "locks")
     fd = os.open(locks / f"{vm_uuid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_seconds
@@ -62,6 +61,22 @@ def vm_lock(state_dir: Path, vm_uuid: str, *, wait_seconds: float = 0.0, which: 
         yield
     finally:
         os.close(fd)
+
+
+def make_dir_durably(path: Path, mode: int = 0o755) -> Path:
+    """Create `path` and its missing parents, each fsynced into its parent: a file renamed into a
+    directory whose own entry a crash forgot would be lost with it. Returns `path`."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            pass  # made by a concurrent run meanwhile
+        fsync_dir(directory.parent)
+    return missing[0] if missing else path
 
 
 def fsync_dir(path: Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..catalog import Catalog, Snapshot
 from ..errors import ProtocolError, VmreplError
 from ..names import safe_name
-from ..state import fsync_dir, write_file_durably
+from ..state import fsync_dir, make_dir_durably, write_file_durably
 from .chain import crash_point
 
 
@@ -47,8 +47,7 @@ class Store:
         return self.root / safe_name("VM uuid", vm_uuid)
 
     def layer_path(self, vm_uuid: str, target: str, snapshot_id: str) -> Path:
-        directory = self.vm_dir(vm_uuid) / "disks" / safe_name("disk target", target)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dir_durably(self.vm_dir(vm_uuid) / "disks" / safe_name("disk target", target))
         return directory / f"{safe_name('snapshot id', snapshot_id)}.qcow2"
 
     def held(self, vm_uuid: str) -> list[Snapshot]:
@@ -62,8 +61,7 @@ class Store:
     # --- progress of partial transfers ------------------------------------------------------------
 
     def _progress_path(self, vm_uuid: str, snapshot_id: str) -> Path:
-        directory = self.vm_dir(vm_uuid) / "incoming"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dir_durably(self.vm_dir(vm_uuid) / "incoming")
         return directory / f"{safe_name('snapshot id', snapshot_id)}.json"
 
     def partial(self, vm_uuid: str) -> Progress | None:
@@ -98,8 +96,7 @@ class Store:
         for layer in snap.disks:
             if not Path(layer.image).is_file():
                 raise ProtocolError(f"layer {layer.image} of snapshot {snap.name} is missing at commit")
-        definitions = self.vm_dir(snap.vm_uuid) / "definitions"
-        definitions.mkdir(parents=True, exist_ok=True)
+        definitions = make_dir_durably(self.vm_dir(snap.vm_uuid) / "definitions")
         write_file_durably(definitions / f"{snap.id}.xml", snap.definition.encode())
         if insert_below is not None:
             write_file_durably(self._insertion_path(snap.vm_uuid, insert_below),
@@ -115,8 +112,7 @@ class Store:
     # --- insertions ------------------------------------------------------------------------------
 
     def _insertion_path(self, vm_uuid: str, upper_id: str) -> Path:
-        directory = self.vm_dir(vm_uuid) / "inserting"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dir_durably(self.vm_dir(vm_uuid) / "inserting")
         return directory / f"{safe_name('snapshot id', upper_id)}.json"
 
     def insertions(self, vm_uuid: str) -> list[tuple[str, str]]:

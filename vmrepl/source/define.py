@@ -12,7 +12,7 @@ import libvirt
 from ..catalog import Snapshot
 from ..errors import SourceError, UsageError
 from ..qemu import img
-from ..state import fsync_dir
+from ..state import fsync_dir, make_dir_durably
 from .domain import BITMAP
 
 
@@ -36,7 +36,7 @@ def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, over
             if (mac := interface.find("mac")) is not None:
                 interface.remove(mac)
     fresh_dir = not overlay_dir.exists()  # recover's `recovered/ID/` marks the snapshot as stood on
-    overlay_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    make_dir_durably(overlay_dir)
     made: list[Path] = []
     try:
         for disk in root.iterfind("./devices/disk"):
