@@ -163,6 +163,24 @@ def test_a_resume_past_what_the_receiver_stored_is_refused(dst_state: Path) -> N
     assert reader.expect(wire.Ok) == wire.Ok("s1") and status == 0
 
 
+def test_an_abandoned_transfer_leaves_nothing_behind(dst_state: Path) -> None:
+    """When the sender sends another snapshot instead of resuming, the interrupted transfer goes whole:
+    its partial layers, its progress file, and the layers of the disks that had arrived complete."""
+    disks = (wire.DiskInfo("vda", MiB, 65536), wire.DiskInfo("vdb", MiB, 65536))
+    s1 = wire.SnapshotHeader(id="s1", name="s1", parent=None, base=None, created_ns=1, generation=1,
+                             definition="<domain/>", disks=disks)
+    page = bytes([7]) * 4096
+    receive(dst_state, sender(s1, [[(0, page)], [(0, page)]], complete=False))
+    vm_dir = dst_state / "vms" / VM_UUID
+    left = {p.relative_to(vm_dir).as_posix() for p in vm_dir.rglob("*") if p.is_file()}
+    assert {"disks/vda/s1.qcow2", "incoming/s1.json"} <= left, left
+    s2 = replace(s1, id="s2", name="s2", created_ns=2, generation=2)
+    _, reader, status = receive(dst_state, sender(s2, [[(0, page)], [(4096, page)]]))
+    assert reader.expect(wire.Ok) == wire.Ok("s2") and status == 0
+    left = {p.relative_to(vm_dir).as_posix() for p in vm_dir.rglob("*") if p.is_file()}
+    assert left == {"disks/vda/s2.qcow2", "disks/vdb/s2.qcow2", "definitions/s2.xml"}, left
+
+
 def test_a_clone_waits_for_its_origin_vm(dst_state: Path) -> None:
     """A linked clone's layer stands on its origin VM's: the receiver holds the origin's lock too (a prune of
     the origin could remove the base meanwhile), waiting for it, then failing with a message naming it."""

@@ -81,10 +81,14 @@ class Store:
             {"snapshot_id": progress.snapshot_id, "base_id": progress.base_id, "offsets": progress.offsets}).encode())
 
     def drop_partial(self, vm_uuid: str, snapshot_id: str) -> None:
-        """Forget an interrupted transfer: its partial layers and its progress file."""
+        """Forget an interrupted transfer: its partial layers, the complete ones that no catalog row names
+        (disks that arrived whole before the transfer stopped), and then its progress file."""
         disks = self.vm_dir(vm_uuid) / "disks"
-        for partial in disks.glob(f"*/.{snapshot_id}.qcow2.partial") if disks.is_dir() else []:
-            partial.unlink()
+        sid = safe_name("snapshot id", snapshot_id)
+        uncommitted = self.catalog.find_snapshot(snapshot_id) is None
+        for name in [f".{sid}.qcow2.partial", *([f"{sid}.qcow2"] if uncommitted else [])]:
+            for layer in disks.glob(f"*/{name}") if disks.is_dir() else []:
+                layer.unlink()
         self._progress_path(vm_uuid, snapshot_id).unlink(missing_ok=True)
 
     # --- commit ----------------------------------------------------------------------------------
