@@ -123,7 +123,7 @@ def test_retention_after_failover_and_failback_prunes_both_kinds(make_vm, second
     each kind its own way, and never merges a layer that the other kind stands on."""
     uri, dst_conn = dst_libvirt
     vm = make_vm({"vda": 64 * MiB, "vdb": 32 * MiB})
-    for i, name in enumerate(["s1", "s2"]):
+    for i, name in enumerate(["s0", "s1", "s2"]):
         vm.write_random("vda", i * 4 * MiB, MiB)
         run_vmrepl("snapshot", vm.name, "--name", name, state_dir=src_state)
     run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
@@ -139,21 +139,22 @@ def test_retention_after_failover_and_failback_prunes_both_kinds(make_vm, second
             if name == "b1":
                 run_vmrepl("replicate", vm.name, *back_to_source, state_dir=dst_state)  # failback: b1 an anchor
 
-        # The failed-over host: received s1 goes (s2, which the domain was recovered from, is rebuilt
-        # without it), local b2 goes (merged into b3's layer); s2 and the anchor b1 stay.
+        # The failed-over host: received s0 and s1 go (s2, which the domain was recovered from, is
+        # rebuilt without them), local b2 goes (merged into b3's layer); s2 and the anchor b1 stay.
         done = run_vmrepl("prune", vm.name, "--keep", "last=1", "--connect", uri, "--json", state_dir=dst_state).json()
-        assert sorted(done["pruned"]) == ["b2", "s1"], done
+        assert sorted(done["pruned"]) == ["b2", "s0", "s1"], done
         assert {p["name"] for p in done["protected"]} == {"s2", "b1"}, done
         assert names(run_vmrepl, dst_state, vm) == ["s2", "b1", "b3"] and there.is_running()
         run_vmrepl("replicate", vm.name, *back_to_source, state_dir=dst_state)  # b3, a delta on b1
         run_vmrepl("verify", vm.name, *back_to_source, state_dir=dst_state)  # s2, b1 and b3 read as before
 
-        # The original host: b1, received, goes (b3 is rebuilt onto s2's layer, taken here); s1 stays,
-        # since merging s2's layer into it would pull the layer from under the received b3.
+        # The original host: b1, received, goes (b3 is rebuilt onto s2's layer, taken here), and so does
+        # s0 (s1's layer merged into its file, s2's pointed at it: b3 reads the same); s1 stays, since
+        # merging s2's layer into it would pull the layer from under the received b3.
         home = run_vmrepl("prune", vm.name, "--keep", "last=1", "--json", state_dir=src_state).json()
-        assert home["pruned"] == ["b1"], home
+        assert home["pruned"] == ["s0", "b1"], home
         why = {p["name"]: p["reason"] for p in home["protected"]}
-        assert why["s1"].startswith("another chain stands on its layer") and set(why) == {"s1", "s2"}, home
+        assert why["s1"].startswith("another chain stands on the layer of s2") and set(why) == {"s1", "s2"}, home
         assert names(run_vmrepl, src_state, vm) == ["s1", "s2", "b3"]
         run_vmrepl("verify", vm.name, *back_to_source, state_dir=dst_state)
         for snap in run_vmrepl("list", vm.name, "--json", state_dir=src_state).json():

@@ -86,8 +86,9 @@ def _prune_local(env: Env, vm: str, rules: dict[str, int], dry_run: bool, outcom
         if not dry_run:
             finish_merges(dom, catalog, uuid)  # a prune that a crash interrupted
         snaps = catalog.snapshots(uuid)
-        others = files_of_other_domains(dom.connect(), dom) | files_under_received(catalog)
-        gone, protected = plan_prune(catalog, uuid, to_keep(snaps, rules), others, disk_chains(dom))
+        chains = disk_chains(dom)
+        others = files_of_other_domains(dom.connect(), dom) | files_under_received(catalog, chains)
+        gone, protected = plan_prune(catalog, uuid, to_keep(snaps, rules), others, chains)
         outcome.add(snaps, gone if dry_run else [prune_one(dom, catalog, s) for s in gone], protected)
 
 

@@ -41,6 +41,10 @@ def plan_prune(catalog: Catalog, vm_uuid: str, keep: set[str], others: set[str],
             continue
         if any(os.path.normpath(d.image) in others for d in snap.disks):
             protected.setdefault(snap.id, "another chain stands on its layer (a linked clone's, or received snapshots')")
+        elif any(os.path.normpath(d.image) in others for d in younger.disks):
+            # merged into this one's layer, the next younger's file would go from under that chain
+            protected.setdefault(snap.id, f"another chain stands on the layer of {younger.name}, the next younger "
+                                          "snapshot (a linked clone's, or received snapshots')")
         elif any(_position(chains, d) == 1 for d in snap.disks):
             protected.setdefault(snap.id, "the domain's disks stand on it")
         elif not _directly_below(snap, younger, chains):
@@ -79,17 +83,23 @@ def disk_chains(dom: libvirt.virDomain) -> dict[str, list[str]]:
             for disk in domain.disks(dom)}
 
 
-def files_under_received(catalog: Catalog) -> set[str]:
-    """Every file below a received layer that stands on something other than a received layer: after a
-    failback the first snapshot received stands on the anchor's layer taken here (and a clone received
-    from elsewhere on its origin's). Merging into any of them would change what it reads."""
+def files_under_received(catalog: Catalog, chains: dict[str, list[str]]) -> set[str]:
+    """The files that received layers stand on without the domain's chains in between: after a failback
+    the first snapshot received stands on the anchor's layer taken here (and a clone received from
+    elsewhere on its origin's). Walking down from such a layer, every file up to and including the first
+    one in the domain's `chains` must keep its content and its name; merges further down keep what they
+    all read, since a merge points the domain's layer above the merged one at the merged file."""
+    in_domain = {f for files in chains.values() for f in files}
     files: set[str] = set()
     for vm_uuid, _name in catalog.vms():
         snaps = catalog.snapshots(vm_uuid)
         for before, snap in zip([None, *snaps], snaps):
             if snap.origin == "received" and (before is None or before.origin != "received"):
                 for layer in snap.disks:
-                    files.update(os.path.normpath(e["filename"]) for e in img.info(layer.image, chain=True)[1:])
+                    for entry in img.info(layer.image, chain=True)[1:]:
+                        files.add(name := os.path.normpath(entry["filename"]))
+                        if name in in_domain:
+                            break
     return files
 
 
