@@ -301,11 +301,12 @@ class Session:
         with daemon.reader(changes.image) as export:
             h = export.nbd
             try:
-                for piece in split(_after(changes.extents, start)):
-                    if piece.zero:
+                for extent in _after(changes.extents, start):
+                    if extent.zero:  # one frame, whatever its size (docs/FORMAT.md)
                         finish()
-                        self.writer.zero(piece.offset, piece.length)
-                    else:
+                        self.writer.zero(extent.offset, extent.length)
+                        continue
+                    for piece in split([extent]):
                         buf = bytearray(piece.length)
                         reads.append((piece, buf, h.aio_pread(buf, piece.offset)))
                         encode(READS_IN_FLIGHT)

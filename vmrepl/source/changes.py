@@ -50,7 +50,8 @@ def disk_changes(catalog: Catalog, daemon: StorageDaemon, since: Snapshot | None
             fallbacks.append(f"disk {target} is new since {since.name}: sent whole (sparse)")
     else:
         above = _layers_above(layer.image, base.image, f"{until.name}'s {target}", since)
-        written = _written(catalog, daemon, above, target, fallbacks)
+        written = _written(catalog, daemon, [e["filename"] for e in above], target, fallbacks) \
+            + _cut_off(above, layer.virtual_size)
     return DiskChanges(target=target, image=layer.image, virtual_size=layer.virtual_size,
                        base_image=base.image if base else None,
                        extents=_split_zero(daemon, layer.image, written, layer.virtual_size,
@@ -68,8 +69,8 @@ def running_disk_changes(catalog: Catalog, daemon: StorageDaemon, dom: libvirt.v
     base = since.disk(target)
     above = _layers_above(disk.image, base.image, f"the running {target}", since)
     fallbacks: list[str] = []
-    frozen = _written(catalog, daemon, above[1:], target, fallbacks)
     size = img.info(disk.image)["virtual-size"]
+    frozen = _written(catalog, daemon, [e["filename"] for e in above[1:]], target, fallbacks) + _cut_off(above, size)
     if domain.is_running(dom):
         node, bitmap = domain.top_bitmaps(dom)[disk.image]
         sound = bool(bitmap and bitmap.get("recording") and not bitmap.get("inconsistent")) \
@@ -81,25 +82,38 @@ def running_disk_changes(catalog: Catalog, daemon: StorageDaemon, dom: libvirt.v
                 Extent(pos, n) for pos, n, depth in iter_block_status(handle, live.DEPTH) if depth == 1)
             extents = _zero_pieces(handle, clip(union(frozen, active), size), drop_zero=False)
     else:
-        active = None if catalog.is_untracked(disk.image) else _file_bitmap(daemon, disk.image)
+        sound = domain.file_bitmap_sound(disk.image) and not catalog.is_untracked(disk.image)
+        active = _file_bitmap(daemon, disk.image) if sound else None
         if active is None:
             fallbacks.append(f"the active layer of {target} has no trustworthy bitmap: used its allocation map")
             active = img.allocation_map(disk.image, own_layer_only=True)
+        else:
+            active += _own_zero_clusters(disk.image)
         extents = _split_zero(daemon, disk.image, union(frozen, active), size, drop_zero=False)
     return DiskChanges(target=target, image=disk.image, virtual_size=size, base_image=base.image,
                        extents=extents, fallbacks=fallbacks)
 
 
-def _layers_above(top: str, base: str, whose: str, since: Snapshot) -> list[str]:
-    """The files of `top`'s chain above `base` (top first): the layers written since `base` froze. An
-    empty `base` (a pruned snapshot that stood below the chain's bottom) puts the whole chain above it."""
-    chain = [entry["filename"] for entry in img.info(top, chain=True)]
+def _layers_above(top: str, base: str, whose: str, since: Snapshot) -> list[dict]:
+    """`qemu-img info` of each file of `top`'s chain above `base` (top first): the layers written since
+    `base` froze. An empty `base` (a pruned snapshot that stood below the chain's bottom) puts the whole
+    chain above it."""
+    chain = img.info(top, chain=True)
+    names = [entry["filename"] for entry in chain]
     if not base:
         return chain
-    if base not in chain:
+    if base not in names:
         raise ChangeTrackingError(f"{since.name}'s layer is no longer below {whose} (the chain was changed "
                                   "outside vmrepl)", hint="replicate with a full send")
-    return chain[: chain.index(base)]
+    return chain[: names.index(base)]
+
+
+def _cut_off(above: list[dict], size: int) -> list[Extent]:
+    """What a layer in between cut off by shrinking and the top grew back: it reads as zeros now (or as
+    what was written since), while the base's layer may still hold data there. No bitmap records a
+    resize, so the whole range counts as changed (mostly zero markers)."""
+    shortest = min((entry["virtual-size"] for entry in above), default=size)
+    return [Extent(shortest, size - shortest)] if shortest < size else []
 
 
 def _written(catalog: Catalog, daemon: StorageDaemon, layers: list[str], target: str,
@@ -111,6 +125,8 @@ def _written(catalog: Catalog, daemon: StorageDaemon, layers: list[str], target:
         if extents is None:
             fallbacks.append(f"layer {path} of {target} has no trustworthy bitmap: used its allocation map")
             extents = img.allocation_map(path, own_layer_only=True)
+        else:
+            extents += _own_zero_clusters(path)
         written.extend(extents)
     return union(written)
 
@@ -130,6 +146,13 @@ def _bitmap_extents(catalog: Catalog, daemon: StorageDaemon, path: str) -> list[
     if catalog.layer_tracking(path) != "bitmap":
         return None
     return _file_bitmap(daemon, path)
+
+
+def _own_zero_clusters(path: str) -> list[Extent]:
+    """The zero clusters a layer holds itself. A disk shrunk and grown again while the layer was active
+    reads zeros in the regrown part: QEMU zeroes it (when the backing file is longer) without marking
+    the bitmap, so these clusters join the bitmap's extents (guest zero writes are in both)."""
+    return [e for e in img.allocation_map(path, own_layer_only=True) if e.zero]
 
 
 def _file_bitmap(daemon: StorageDaemon, path: str) -> list[Extent] | None:

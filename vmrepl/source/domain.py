@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import libvirt
 
 from ..errors import NotFoundError, SourceError, UnsupportedDiskError
+from ..qemu import img
 
 # libvirt prints every error on stderr by default; vmrepl reports its own one-liners.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -104,6 +105,13 @@ def top_bitmaps(dom: libvirt.virDomain) -> dict[str, tuple[str, dict | None]]:
         bitmap = next((b for b in node.get("dirty-bitmaps", []) if b.get("name") == BITMAP), None)
         result[_node_filename(node["file"])] = (node["node-name"], bitmap)
     return result
+
+
+def file_bitmap_sound(path: str) -> bool:
+    """Whether an image no QEMU has open carries a `vmrepl` bitmap that holds all its writes: present,
+    recording (`auto`: a disabled one misses what was written since) and closed cleanly (no `in-use`)."""
+    bitmap = next((b for b in img.bitmaps(path) if b["name"] == BITMAP), None)
+    return bitmap is not None and "auto" in bitmap["flags"] and "in-use" not in bitmap["flags"]
 
 
 def _node_filename(file: str) -> str:

@@ -51,6 +51,9 @@ def plan_prune(catalog: Catalog, vm_uuid: str, keep: set[str], others: set[str],
             # its layer would be merged with the next younger's: only right if that one stands on it
             protected.setdefault(snap.id, f"{younger.name}, the next younger snapshot, does not stand on it in the "
                                           "domain's disk chains (received, another branch, or other disks)")
+        elif _shrunk(snap, younger):
+            protected.setdefault(snap.id, f"{younger.name}, the next younger snapshot, has a smaller disk (shrunk): "
+                                          "merged into this one's layer, it would read this one's data past its end")
     gone, kept_why = [], {}
     for snap in snaps:
         if snap.origin != "local" or snap.id in keep:
@@ -68,6 +71,14 @@ def _directly_below(snap: Snapshot, younger: Snapshot, chains: dict[str, list[st
         return False
     return all((at := _position(chains, layer)) and _position(chains, younger.disk(layer.target)) == at - 1
                for layer in snap.disks)
+
+
+def _shrunk(snap: Snapshot, younger: Snapshot) -> bool:
+    """Whether a disk of `younger` is smaller than `snap`'s. A commit never shrinks its base: the merged
+    file would keep `snap`'s data past `younger`'s end, and a layer above that grew again would read
+    that data where it read zeros (its old backing file ended there)."""
+    sizes = {d.target: d.virtual_size for d in younger.disks}
+    return any(sizes.get(d.target, d.virtual_size) < d.virtual_size for d in snap.disks)
 
 
 def _position(chains: dict[str, list[str]], layer: Layer) -> int | None:

@@ -130,8 +130,7 @@ def _prepare_tracking(dom: libvirt.virDomain, disks: list[Disk], catalog: Catalo
 def _offline_tracking(disks: list[Disk], catalog: Catalog) -> dict[str, str]:
     tracking = {}
     for d in disks:
-        bitmap = next((b for b in img.bitmaps(d.image) if b["name"] == BITMAP), None)
-        sound = bitmap is not None and "in-use" not in bitmap["flags"] and not catalog.is_untracked(d.image)
+        sound = domain.file_bitmap_sound(d.image) and not catalog.is_untracked(d.image)
         tracking[d.target] = "bitmap" if sound else "allocation"
     return tracking
 
