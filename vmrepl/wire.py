@@ -895,7 +895,6 @@ class FrameReader:
                 raise _fail(f"{where}: zstd payload of {payload_len} bytes for length {length}")
         else:
             raise _fail(f"{where} has unknown codec {codec}")
-        snap.extent("DATA", offset, length)
         payload = self._exact(payload_len, f"in {where}")
         if codec == CODEC_ZSTD:
             try:
@@ -913,6 +912,7 @@ class FrameReader:
         h.update(data)
         if h.digest() != checksum:
             raise _corrupt(f"checksum mismatch in {where}")
+        snap.extent("DATA", offset, length)  # after the checksum: a damaged offset is damage in transit
         snap.record(checksum)
         return Data(disk=disk, offset=offset, data=data, wire_bytes=_DATA.size + payload_len)
 

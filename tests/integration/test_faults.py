@@ -342,6 +342,25 @@ def test_full_destination_disk(rig: Rig, small_dst: Callable[[], None]) -> None:
     rig.recovers(before, snap)
 
 
+def test_destination_disk_full_to_the_last_block(rig: Rig, small_dst: Callable[[], None]) -> None:
+    """Not even the transfer's progress file fits: still a one-line NoSpaceError, nothing left behind."""
+    rig.snapshot({"vda": MiB, "vdb": MiB})
+    rig.replicate()
+    before = rig.destination()
+    snap = rig.snapshot(DELTA)
+    filler = rig.dst / "filler"
+    run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], check=False)  # until ENOSPC
+    try:
+        failed = rig.replicate(check=False, timeout=60)
+        assert_one_line(failed, r"No space left on device.*free space on the destination")
+        rig.no_receiver_left()
+        assert rig.destination() == before
+    finally:
+        filler.unlink()
+    small_dst()
+    rig.recovers(before, snap)
+
+
 FLIP = """\
 import sys
 position, seen = int(sys.argv[1]), 0

@@ -18,7 +18,7 @@ import pytest
 from testbed import VMREPL
 from tests.integration.test_replicate import assert_destination_matches, listing, replicate
 from vmrepl import wire
-from vmrepl.errors import LockedError, ProtocolError
+from vmrepl.errors import LockedError, ProtocolError, VmreplError
 from vmrepl.sink.chain import backing_of
 from vmrepl.state import vm_lock
 
@@ -179,6 +179,41 @@ def test_an_abandoned_transfer_leaves_nothing_behind(dst_state: Path) -> None:
     assert reader.expect(wire.Ok) == wire.Ok("s2") and status == 0
     left = {p.relative_to(vm_dir).as_posix() for p in vm_dir.rglob("*") if p.is_file()}
     assert left == {"disks/vda/s2.qcow2", "disks/vdb/s2.qcow2", "definitions/s2.xml"}, left
+
+
+def test_a_transfer_stopped_before_its_first_resume_point_is_found(dst_state: Path) -> None:
+    """A transfer that stops early (a small delta never reaches a resume point) is still reported by the
+    next hello, and dropped when another snapshot comes: no orphaned partial layer stays behind."""
+    s1 = wire.SnapshotHeader(id="s1", name="s1", parent=None, base=None, created_ns=1, generation=1,
+                             definition="<domain/>", disks=(wire.DiskInfo("vda", MiB, 65536),))
+    page = bytes([7]) * 4096
+    _, _, status = receive(dst_state, sender(s1, [[(0, page)]], complete=False))
+    assert status == 1 and (dst_state / "vms" / VM_UUID / "disks" / "vda" / ".s1.qcow2.partial").exists()
+    hello, _, _ = receive(dst_state, sender(None))
+    assert hello.partial == wire.Partial("s1", None, {"vda": 0})
+    s2 = replace(s1, id="s2", name="s2", created_ns=2, generation=2)
+    _, reader, status = receive(dst_state, sender(s2, [[(0, page)]]))
+    assert reader.expect(wire.Ok) == wire.Ok("s2") and status == 0
+    vm_dir = dst_state / "vms" / VM_UUID
+    assert {p.relative_to(vm_dir).as_posix() for p in vm_dir.rglob("*") if p.is_file()} == \
+        {"disks/vda/s2.qcow2", "definitions/s2.xml"}
+
+
+def test_a_failure_outside_vmrepls_errors_still_reaches_the_sender(dst_state: Path) -> None:
+    """The receiver tells the sender of any failure in one ERROR frame, not only of its own errors (here a
+    state dir damaged by hand: `incoming` is a file), and exits with one line, not a traceback."""
+    (dst_state / "vms" / VM_UUID).mkdir(parents=True)
+    (dst_state / "vms" / VM_UUID / "incoming").write_text("not a directory")
+    header = wire.SnapshotHeader(id="s1", name="s1", parent=None, base=None, created_ns=1, generation=1,
+                                 definition="<domain/>", disks=(wire.DiskInfo("vda", MiB, 65536),))
+    proc = subprocess.run([str(VMREPL), "receive", "--state-dir", str(dst_state)], capture_output=True,
+                          input=sender(header, [[(0, bytes(4096))]]), timeout=60)
+    reader = wire.FrameReader(io.BytesIO(proc.stdout), peer="destination")
+    reader.expect(wire.ReceiverHello)
+    with pytest.raises(VmreplError, match="^destination: internal error: NotADirectoryError: .*incoming"):
+        reader.expect(wire.Ok)
+    assert proc.returncode == 1 and proc.stderr.decode().count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr.decode()
 
 
 def test_a_clone_waits_for_its_origin_vm(dst_state: Path) -> None:

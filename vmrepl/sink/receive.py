@@ -12,6 +12,7 @@ that is not the protocol ends the session with one ERROR frame; nothing half-rec
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -24,7 +25,7 @@ from typing import BinaryIO
 
 from ..catalog import Catalog, Layer, Snapshot
 from ..digest import image_digest
-from ..errors import ProtocolError, SinkError, TransportError, VmreplError
+from ..errors import NoSpaceError, ProtocolError, SinkError, TransportError, VmreplError
 from ..qemu import img
 from ..qemu.storage_daemon import StorageDaemon, pread
 from ..state import fsync_dir, vm_lock
@@ -78,12 +79,24 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, state_dir: Path) -> None:
         hello = reader.expect(Hello)
         with Catalog(state_dir) as catalog, vm_lock(state_dir, hello.vm_uuid), StorageDaemon() as daemon:
             _Session(reader, writer, Store(state_dir, catalog), daemon, hello).run()
-    except VmreplError as err:
+    except Exception as err:  # noqa: BLE001 - whatever it is, the sender is told in one line
+        failure = err if isinstance(err, VmreplError) else _as_vmrepl_error(err)
         try:
-            writer.write(Error.from_exception(err))
+            writer.write(Error.from_exception(failure))
         except (OSError, VmreplError):
             pass  # the sender is gone; our own exit status and stderr still tell
-        raise
+        if failure is err:
+            raise
+        raise failure from err
+
+
+def _as_vmrepl_error(err: Exception) -> VmreplError:
+    """A failure outside vmrepl's own errors, as the sender (and the receiver's own exit) reports it."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return NoSpaceError(f"cannot write {err.filename or 'the state dir'}: {err.strerror}",
+                            hint="free space on the destination, then retry")
+    return VmreplError(f"internal error: {type(err).__name__}: {err}",
+                       hint="rerun the receiver with --debug (or VMREPL_DEBUG=1) for a traceback")
 
 
 class _Session:
@@ -184,8 +197,10 @@ class _Session:
                                     f"but this transfer is stored here up to {stored}",
                                     hint="replicate again: the sender resumes from what the destination reports")
         offsets = {disk.target: header.resume.get(disk.target, 0) for disk in header.disks}
-        if progress and offsets != progress.offsets:
-            # A disk restarts below its old resume point: the progress file must not claim more.
+        if progress is None or offsets != progress.offsets:
+            # Before the first partial layer exists, so that a transfer that stops at any point is found
+            # (and resumed or dropped) by the next session; and a disk that restarts below its old resume
+            # point must not be claimed as stored further.
             self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
         layers = []
         for disk in header.disks:
@@ -297,6 +312,6 @@ class _Session:
 
     def _digests(self, snapshot_id: str) -> dict[str, str] | None:
         snap = self.store.catalog.find_snapshot(snapshot_id)
-        if snap is None:
+        if snap is None or not snap.held:  # a ghost's layer rows name the layer it stands on, not its own
             return None
         return {layer.target: image_digest(layer.image, daemon=self.daemon) for layer in snap.disks}
