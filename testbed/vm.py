@@ -17,6 +17,8 @@ import itertools
 import os
 import re
 import shutil
+import signal
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,6 +100,16 @@ class VM:
 
     def start(self) -> None:
         self.dom.create()
+
+    def crash(self) -> None:
+        """Kill QEMU with SIGKILL, as a host crash would (images not closed: bitmaps stay `in-use`), and
+        wait until libvirt sees the domain stopped."""
+        os.kill(int(Path(f"/run/libvirt/qemu/{self.name}.pid").read_text()), signal.SIGKILL)
+        for _ in range(100):
+            if not self.is_running():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} still runs 10 s after its QEMU was killed")
 
     def shutoff(self) -> None:
         """Power off at once (there is no OS to shut down); QEMU still closes its images cleanly."""

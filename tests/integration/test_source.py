@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -127,12 +124,7 @@ def test_killed_qemu_falls_back_and_rebuilds_tracking(make_vm, src_state, run_vm
     vm = make_vm()
     first = snapshot(run_vmrepl, src_state, vm)
     vm.write_pattern("vda", 3 * MiB, 65536, 0x33)
-    pid = int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text())
-    os.kill(pid, signal.SIGKILL)
-    for _ in range(100):
-        if not vm.is_running():
-            break
-        time.sleep(0.1)
+    vm.crash()
     vm.start()
     vm.write_pattern("vdb", 5 * MiB, 65536, 0x44)
     second = snapshot(run_vmrepl, src_state, vm)
@@ -157,11 +149,7 @@ def test_a_snapshot_that_fails_after_tracking_was_rebuilt_still_falls_back(make_
     vm = make_vm()
     first = snapshot(run_vmrepl, src_state, vm)
     vm.write_pattern("vda", 3 * MiB, 65536, 0x33)
-    os.kill(int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text()), signal.SIGKILL)
-    for _ in range(100):
-        if not vm.is_running():
-            break
-        time.sleep(0.1)
+    vm.crash()
     vm.start()
     failed = run_vmrepl("snapshot", vm.name, "--quiesce", state_dir=src_state, check=False)  # no guest agent
     assert failed.returncode == 1 and "cannot quiesce" in failed.stderr
