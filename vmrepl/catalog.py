@@ -79,6 +79,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (gone_id, target)
     );
     """,
+    # A third kind of layer: 'clusters', a file that holds exactly its snapshot's changes against the
+    # layer below (a received layer, or one that a source prune merged a younger layer into). Its own
+    # clusters are then the right way to read its changes, not a fallback for a lost bitmap. SQLite
+    # cannot change a CHECK constraint in place: the table is rebuilt (nothing references it).
+    """
+    CREATE TABLE layers_v5 (
+        snapshot_id  TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+        target       TEXT NOT NULL,
+        image        TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        tracking     TEXT NOT NULL DEFAULT 'bitmap' CHECK (tracking IN ('bitmap', 'allocation', 'clusters')),
+        PRIMARY KEY (snapshot_id, target)
+    );
+    INSERT INTO layers_v5 SELECT l.snapshot_id, l.target, l.image, l.virtual_size,
+        CASE WHEN s.origin = 'received' THEN 'clusters' ELSE l.tracking END
+        FROM layers l JOIN snapshots s ON s.id = l.snapshot_id;
+    DROP TABLE layers;
+    ALTER TABLE layers_v5 RENAME TO layers;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -91,7 +110,8 @@ class Layer:
     image: str
     virtual_size: int
     # 'bitmap': the file's `vmrepl` bitmap holds every write made while it was the active layer;
-    # 'allocation': it may not (tracking was lost or rebuilt), use the file's allocation map.
+    # 'allocation': it may not (tracking was lost or rebuilt), so its allocation map stands in;
+    # 'clusters': the file holds exactly its changes against the layer below (see MIGRATIONS[4]).
     tracking: str = "bitmap"
 
 
@@ -305,7 +325,7 @@ class Catalog:
         ghosts = "snapshot_id IN (SELECT id FROM snapshots WHERE NOT held)"
         with self.transaction():
             for m in merges:
-                self.db.execute("UPDATE layers SET image = ?, tracking = 'allocation' WHERE snapshot_id = ? AND target = ?",
+                self.db.execute("UPDATE layers SET image = ?, tracking = 'clusters' WHERE snapshot_id = ? AND target = ?",
                                 (m.base, m.younger_id, m.target))
                 self.db.execute(f"UPDATE layers SET image = ? WHERE image = ? AND {ghosts}", (m.base, m.top))
                 self.db.execute("UPDATE merges SET recorded = 1 WHERE gone_id = ? AND target = ?", (m.gone_id, m.target))
@@ -344,7 +364,7 @@ class Catalog:
         return self._load(row[0]) if row else None
 
     def layer_tracking(self, image: str) -> str | None:
-        """How far the `vmrepl` bitmap of a catalogued layer file can be trusted; None if not catalogued."""
+        """How a catalogued layer file's changes are read (`Layer.tracking`); None if not catalogued."""
         row = self.db.execute("SELECT l.tracking FROM layers l JOIN snapshots s ON s.id = l.snapshot_id"
                               " WHERE l.image = ? AND s.held", (image,)).fetchone()
         return row[0] if row else None

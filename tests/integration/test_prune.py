@@ -24,6 +24,9 @@ def test_prune_keeps_anchors_and_a_pruned_snapshot_stays_a_base(make_vm, second_
         vm.write_random("vda", i * 4 * MiB, MiB)
         run_vmrepl("snapshot", vm.name, "--name", name, state_dir=src_state)
     run_vmrepl("replicate", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)  # anchor: s2
+    # A received layer holds exactly its changes: read from its own clusters, which is no fallback.
+    received = run_vmrepl("changes", vm.name, "--since", "s1", "--until", "s2", "--json", state_dir=dst_state)
+    assert [(e["offset"], e["length"]) for e in received.json()] == [(4 * MiB, MiB)] and received.stderr == ""
     for i, name in enumerate(["s3", "s4"], 2):
         vm.write_random("vda", i * 4 * MiB, MiB)
         run_vmrepl("snapshot", vm.name, "--name", name, state_dir=src_state)
@@ -39,7 +42,9 @@ def test_prune_keeps_anchors_and_a_pruned_snapshot_stays_a_base(make_vm, second_
     assert img.compare(mine["s2"], theirs["s2"])  # the anchor reads as before
     assert mine["s4"] == images["s3"]  # s4's layer was merged down into s3's, which s4 now owns
     assert vm.is_running()
-    (sent,) = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state).json()
+    merged = run_vmrepl("replicate", vm.name, "--json", *second_host.vmrepl_args(dst_state), state_dir=src_state)
+    assert merged.stderr == ""  # s4's layer, merged, holds exactly s3's and s4's changes: no fallback
+    (sent,) = merged.json()
     assert sent["base"] == names_to_ids(run_vmrepl, src_state, vm)["s2"]
     assert 2 * MiB <= sent["bytes_sent"] <= 2 * MiB * 1.02 + 64 * 1024  # s3's and s4's changes, nothing more
 

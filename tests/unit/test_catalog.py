@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from vmrepl.catalog import SCHEMA_VERSION, Catalog, Layer, Snapshot
+from vmrepl.catalog import MIGRATIONS, SCHEMA_VERSION, Catalog, Layer, Snapshot
 from vmrepl.errors import StateError
 
 VM_UUID = "5a1c3e0e-5b8e-4a5e-9d64-7d1f0e3b2a10"
@@ -60,3 +60,27 @@ def test_cli_refuses_a_newer_catalog_in_one_line(src_state, run_vmrepl):
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert f"schema version {SCHEMA_VERSION + 1}" in result.stderr and "upgrade vmrepl" in result.stderr
+
+
+def test_version_5_marks_received_layers_as_holding_only_their_changes(tmp_path):
+    """A catalog written by a vmrepl of schema 4 keeps its rows; received layers become 'clusters'."""
+    db = sqlite3.connect(tmp_path / Catalog.FILENAME)
+    for script in MIGRATIONS[:4]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version = 4")
+    db.execute("INSERT INTO vms VALUES (?, 'web')", (VM_UUID,))
+    for sid, origin, tracking in [("id-1", "received", "bitmap"), ("id-2", "local", "bitmap"),
+                                  ("id-3", "local", "allocation")]:
+        db.execute("INSERT INTO snapshots(id, vm_uuid, name, created_ns, generation, origin) VALUES (?, ?, ?, 1, 1, ?)",
+                   (sid, VM_UUID, sid, origin))
+        db.execute("INSERT INTO layers VALUES (?, 'vda', ?, 1024, ?)", (sid, f"/images/{sid}.qcow2", tracking))
+    db.commit()
+    db.close()
+
+    with Catalog(tmp_path) as catalog:
+        assert [catalog.layer_tracking(f"/images/{sid}.qcow2") for sid in ["id-1", "id-2", "id-3"]] == \
+            ["clusters", "bitmap", "allocation"]
+        assert catalog.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert catalog.db.execute("PRAGMA foreign_key_check").fetchall() == []
+        with pytest.raises(sqlite3.IntegrityError):  # the constraint still holds after the rebuild
+            catalog.db.execute("UPDATE layers SET tracking = 'guess'")

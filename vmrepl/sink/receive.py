@@ -227,7 +227,7 @@ class _Session:
                     writer.commit()
                 offsets[disk.target] = disk.virtual_size
                 self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
-            layers.append(Layer(disk.target, str(final), disk.virtual_size))
+            layers.append(Layer(disk.target, str(final), disk.virtual_size, tracking="clusters"))
         self.reader.expect(Trailer)  # the reader checks the whole-stream digest
         snap = Snapshot(id=header.id, vm_uuid=self.vm_uuid, vm_name=self.vm_name, name=header.name,
                         parent=header.parent, created_ns=header.created_ns, generation=header.generation,

@@ -118,12 +118,15 @@ def _cut_off(above: list[dict], size: int) -> list[Extent]:
 
 def _written(catalog: Catalog, daemon: StorageDaemon, layers: list[str], target: str,
              fallbacks: list[str]) -> list[Extent]:
-    """The union of what each frozen layer's bitmap (or, failing that, its allocation map) says it took."""
+    """The union of what each frozen layer took: its bitmap's extents or, for a layer that holds only
+    its changes (received, or merged by a prune) and as the fallback for a lost bitmap, its own clusters."""
     written: list[Extent] = []
     for path in layers:
-        extents = _bitmap_extents(catalog, daemon, path)
+        tracking = catalog.layer_tracking(path)
+        extents = _file_bitmap(daemon, path) if tracking == "bitmap" else None
         if extents is None:
-            fallbacks.append(f"layer {path} of {target} has no trustworthy bitmap: used its allocation map")
+            if tracking != "clusters":
+                fallbacks.append(f"layer {path} of {target} has no trustworthy bitmap: used its allocation map")
             extents = img.allocation_map(path, own_layer_only=True)
         else:
             extents += _own_zero_clusters(path)
@@ -139,13 +142,6 @@ def full_disk_changes(daemon: StorageDaemon, until: Snapshot, target: str, *, re
                        extents=_split_zero(daemon, layer.image, [Extent(0, layer.virtual_size, False)],
                                            layer.virtual_size, drop_zero=False),
                        fallbacks=[note])
-
-
-def _bitmap_extents(catalog: Catalog, daemon: StorageDaemon, path: str) -> list[Extent] | None:
-    """The frozen layer's dirty extents, or None when its bitmap cannot be trusted."""
-    if catalog.layer_tracking(path) != "bitmap":
-        return None
-    return _file_bitmap(daemon, path)
 
 
 def _own_zero_clusters(path: str) -> list[Extent]:
