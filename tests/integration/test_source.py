@@ -7,6 +7,7 @@ import random
 import subprocess
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from testbed.vm import read_matches
@@ -269,3 +270,22 @@ def test_changes_up_to_the_disk_as_it_is_now(make_vm, src_state, run_vmrepl, run
             vm.dom, '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}', 0))["return"]
         assert {b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])} == {"vmrepl"}
         assert changes(run_vmrepl, src_state, vm, first["id"]).stdout == result.stdout  # the server was stopped
+
+
+def test_changes_of_a_running_disk_shrunk_and_grown_back(make_vm, src_state, run_vmrepl):
+    """QEMU zeroes the regrown part of the active layer without marking its bitmap: the live report
+    still names it, as the same changes read from the snapshot that freezes the layer do."""
+    vm = make_vm({"vda": 32 * MiB})
+    vm.write_pattern("vda", 20 * MiB, MiB, 0x11)
+    first = snapshot(run_vmrepl, src_state, vm)
+    vm.dom.blockResize("vda", 16 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    vm.dom.blockResize("vda", 32 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    vm.write_pattern("vda", 0, 65536, 0x22)
+    live = changes(run_vmrepl, src_state, vm, first["id"])
+    assert live.stderr == ""  # from the bitmaps, no fallback
+    extents = json.loads(live.stdout)
+    assert covered(extents, "vda", 0, 65536)
+    assert covered([e for e in extents if e["zero"]], "vda", 20 * MiB, MiB)  # the old data reads zeros now
+    second = snapshot(run_vmrepl, src_state, vm)
+    frozen = changes(run_vmrepl, src_state, vm, first["id"], "--until", second["id"], "--disk", "vda")
+    assert span(json.loads(frozen.stdout)) == span(extents)

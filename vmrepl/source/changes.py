@@ -78,8 +78,10 @@ def running_disk_changes(catalog: Catalog, daemon: StorageDaemon, dom: libvirt.v
         if not sound:
             fallbacks.append(f"the active layer of {target} has no sound bitmap: used what it holds itself")
         with live.live_export(dom, node, disk.image, with_bitmap=sound) as handle:
-            active = dirty_extents(handle, live.PEEK) if sound else union(
-                Extent(pos, n) for pos, n, depth in iter_block_status(handle, live.DEPTH) if depth == 1)
+            own = union(Extent(pos, n) for pos, n, depth in iter_block_status(handle, live.DEPTH) if depth == 1)
+            # As for a frozen layer (_own_zero_clusters): a regrown part reads zeros the bitmap never saw.
+            active = [*dirty_extents(handle, live.PEEK),
+                      *(p for p in _zero_pieces(handle, own, drop_zero=False) if p.zero)] if sound else own
             extents = _zero_pieces(handle, clip(union(frozen, active), size), drop_zero=False)
     else:
         sound = domain.file_bitmap_sound(disk.image) and not catalog.is_untracked(disk.image)
