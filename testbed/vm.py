@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -127,6 +128,12 @@ class VM:
     def write_file(self, target: str, offset: int, source: Path) -> None:
         """Copy the file `source` to `offset` of the disk (e.g. incompressible data); QEMU reads the
         file itself, so it must be readable by the libvirt-qemu user."""
+        # HMP qemu-io reports a file it cannot open only in QEMU's log, and writes nothing: QEMU runs as
+        # libvirt-qemu with another working directory, so the path must be absolute and readable by all.
+        source = source.resolve()
+        if not all(d.stat().st_mode & stat.S_IXOTH for d in source.parents) or \
+                not source.stat().st_mode & stat.S_IROTH:
+            raise PermissionError(f"{source}: QEMU (libvirt-qemu) cannot read it; make it and its directories public")
         length = source.stat().st_size
         self._qemu_io(target, offset, length, f"write -s {source} {offset} {length}")
 

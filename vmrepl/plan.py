@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from .errors import NotFoundError, StateError, UsageError
+from .units import human_bytes
 
 Age = tuple[int, int, int, str]
 
@@ -223,7 +224,7 @@ def render(steps: Sequence[Step], names: Mapping[str, str] | None = None,
         size = ""
         if sizes and step.snapshot in sizes:
             changed, tracked = sizes[step.snapshot]
-            size = f": {'' if tracked else 'at most '}{changed / 1e6:,.1f} MB changed"
+            size = f": {'' if tracked else 'at most '}{human_bytes(changed)} changed"
         lines.append(f"{n}. send {label(step.snapshot)} ({source}, {step.position}){size}")
         lines.append(f"   {step.reason}")
     return "\n".join(lines)

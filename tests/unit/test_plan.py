@@ -207,9 +207,9 @@ def test_render_and_json() -> None:
                                  "before": None, "reason": steps[1].reason}
     full = plan(lineage, [], want=["g2"])
     assert render(full).splitlines()[0] == "1. send g2 (full, append)"
-    assert render(full, sizes={"g2": (12_345_678, True)}).splitlines()[0] == "1. send g2 (full, append): 12.3 MB changed"
+    assert render(full, sizes={"g2": (12_345_678, True)}).splitlines()[0] == "1. send g2 (full, append): 11.8 MiB changed"
     assert render(steps, sizes={"g3": (2_000_000, False)}).splitlines()[1] == \
-        "2. send g3 (delta from g2, append): at most 2.0 MB changed"
+        "2. send g3 (delta from g2, append): at most 1.9 MiB changed"
     assert as_json(steps[1], (2_000_000, False)) | {"reason": ""} == {
         "id": "g3", "base": "g2", "position": "append", "after": "g2", "before": None, "reason": "",
         "bytes_changed": 2_000_000, "tracked": False}

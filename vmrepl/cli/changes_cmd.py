@@ -8,6 +8,7 @@ import contextlib
 import click
 
 from ..errors import UsageError
+from ..units import human_bytes
 from .common import Env, catalog_vm, format_table, global_options, pass_env
 
 
@@ -53,6 +54,6 @@ def changes(env: Env, vm: str, since_ref: str, until_ref: str | None, disk_targe
         zero = sum(r["length"] for r in rows if r["zero"])
         table = format_table(["DISK", "OFFSET", "LENGTH", "ZERO"],
                              [[r["disk"], r["offset"], r["length"], "yes" if r["zero"] else ""] for r in rows])
-        return f"{table}\n{len(rows)} extents: {data} bytes of data, {zero} bytes of zeros"
+        return f"{table}\n{len(rows)} extents: {human_bytes(data)} of data, {human_bytes(zero)} of zeros"
 
     env.emit(rows, text)

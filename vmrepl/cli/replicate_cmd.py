@@ -8,6 +8,7 @@ import time
 import click
 
 from ..errors import UsageError, VmreplError
+from ..units import human_bytes
 from .common import Env, catalog_vm, connection_options, format_table, global_options, pass_env
 
 
@@ -72,8 +73,8 @@ def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, 
     def text() -> str:
         if not results:
             return "nothing to send: the destination holds every snapshot"
-        rows = [[r.name, (r.base or "-")[:8], r.position, r.bytes_changed, r.bytes_sent, f"{r.seconds:.2f}"]
-                for r in results]
+        rows = [[r.name, (r.base or "-")[:8], r.position, human_bytes(r.bytes_changed), human_bytes(r.bytes_sent),
+                 f"{r.seconds:.2f}"] for r in results]
         return format_table(["SNAPSHOT", "BASE", "POSITION", "CHANGED", "SENT", "SECONDS"], rows)
 
     env.emit([r.as_json() for r in results], text)

@@ -1,0 +1,17 @@
+"""Byte counts as people read them in text output (JSON keeps plain integers)."""
+
+from __future__ import annotations
+
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(count: int) -> str:
+    """'0 B', '512 B', '3.6 KiB', '32.0 MiB': powers of 1024, as `qemu-img info` and `virsh` print them."""
+    if count < 1024:
+        return f"{count} B"
+    value, unit = count / 1024, _UNITS[0]
+    for bigger in _UNITS[1:]:
+        if round(value, 1) < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:,.1f} {unit}"
