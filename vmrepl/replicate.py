@@ -130,9 +130,12 @@ class Session:
                                           vm=s.vm_uuid, name=s.name, on_source=s.held, tracked=bool(s.disks))
                    for s in ancestors + own]
         held = list(self.held.snapshots)
+        ancestor_ids = {s.id for s in ancestors}
         for vm_uuid in {s.vm_uuid for s in ancestors}:  # a clone: what the destination holds of its origin
             with Session(self.catalog, vm_uuid, self.options) as other:
-                held += other.held.snapshots
+                # Only the snapshots this VM descends from: the origin's later ones are another sequence,
+                # which a send of this VM neither inserts into nor rebases.
+                held += [h for h in other.held.snapshots if h.id in ancestor_ids]
         return planner.plan(lineage, [planner.HeldSnapshot(id=h.id, created_ns=h.created_ns, generation=h.generation,
                                                            name=self._name(h.id)) for h in held],
                             want=want, latest_first=latest_first, pruned=set(self.held.pruned))
