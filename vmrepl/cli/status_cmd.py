@@ -1,22 +1,32 @@
-"""`vmrepl status`: per VM and target, the newest snapshot, the anchor, the lag and the last result."""
+"""`vmrepl status`: per VM and target, the newest snapshot, the anchor, the lag and the last result; on a
+destination also each interrupted incoming transfer (what `zfs receive -s` leaves as a resume token)."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import click
 
+from ..units import human_bytes
 from .common import Env, format_table, global_options, pass_env
+
+if TYPE_CHECKING:
+    from ..sink.store import Store
 
 
 @click.command("status")
 @global_options()
 @pass_env
 def status(env: Env) -> None:
-    """Show each VM's newest snapshot and, per target, its anchor, lag and last result."""
+    """Show each VM's newest snapshot and, per target, its anchor, lag and last result; below the table,
+    each partial incoming transfer held here (`vmrepl prune VM --drop-partial` discards one)."""
+    from ..sink.store import Store
+
     now = time.time_ns()
     vms = []
     with env.catalog() as catalog:
+        store = Store(env.state_dir, catalog)
         for uuid, name in catalog.vms():
             snapshots = catalog.snapshots(uuid)
             newest = snapshots[-1] if snapshots else None
@@ -38,7 +48,9 @@ def status(env: Env) -> None:
                 "newest": newest.id if newest else None,
                 "newest_created_ns": newest.created_ns if newest else None,
                 "targets": targets,
+                "partial": [p.as_json() for p in store.partial_transfers(uuid)],
             })
+        vms += _uncatalogued(store, {vm["vm_uuid"] for vm in vms})
 
     def text() -> str:
         if not vms:
@@ -49,6 +61,31 @@ def status(env: Env) -> None:
                 rows.append([vm["vm"], vm["snapshots"], (vm["newest"] or "-")[:8], t["host"],
                              (t["anchor"] or "-")[:8], "-" if t["lag_seconds"] is None else f"{t['lag_seconds']}s",
                              t["last_result"] or "-"])
-        return format_table(["VM", "SNAPSHOTS", "NEWEST", "TARGET", "ANCHOR", "LAG", "LAST"], rows)
+        table = format_table(["VM", "SNAPSHOTS", "NEWEST", "TARGET", "ANCHOR", "LAG", "LAST"], rows)
+        return "\n".join([table, *_partial_lines(vms)])
 
     env.emit({"vms": vms}, text)
+
+
+def _uncatalogued(store: Store, catalogued: set[str]) -> list[dict]:
+    """VMs that only a partial transfer names: their first full send stopped before its commit. No
+    catalog row gives a name, so the uuid (the directory's name) stands in: `prune UUID --drop-partial`."""
+    found = []
+    for uuid in store.partial_vms():
+        partial = store.partial_transfers(uuid) if uuid not in catalogued else []
+        if partial:
+            found.append({"vm": uuid, "vm_uuid": uuid, "snapshots": 0, "newest": None, "newest_created_ns": None,
+                          "targets": [], "partial": [p.as_json() for p in partial]})
+    return found
+
+
+def _partial_lines(vms: list[dict]) -> list[str]:
+    """One line per partial transfer, below the table: its columns stay as they were for scripts."""
+    lines = []
+    for vm in vms:
+        for p in vm["partial"]:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["since_ns"] / 1e9))
+            lines.append(f"PARTIAL {vm['vm']}: snapshot {p['snapshot_id'][:8]} on base {(p['base_id'] or '-')[:8]}, "
+                         f"{human_bytes(p['bytes'])}, last progress {since}; "
+                         f"resumed by the next replicate, or discard: vmrepl prune {vm['vm']} --drop-partial")
+    return lines

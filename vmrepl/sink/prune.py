@@ -29,16 +29,21 @@ from . import chain
 from .store import Store
 
 
-def plan(store: Store, vm_uuid: str, keep: set[str]) -> tuple[list[Snapshot], dict[str, str]]:
+def plan(store: Store, vm_uuid: str, keep: set[str], *, without_partial: bool = False
+         ) -> tuple[list[Snapshot], dict[str, str]]:
     """Of the received snapshots, what goes (oldest first) and, for what the rules would drop but must
-    stay, why. Snapshots taken here (a VM that failed over or back) are left to source/prune.py."""
+    stay, why. Snapshots taken here (a VM that failed over or back) are left to source/prune.py.
+    `without_partial`: plan as if its interrupted transfers were dropped (`prune --drop-partial --dry-run`):
+    neither their base nor their layers keep anything."""
     snaps = store.held(vm_uuid)
     protected = {snaps[-1].id: "the newest snapshot: the next delta from the source is based on it"} if snaps else {}
-    partial = store.partial(vm_uuid)
+    partial = None if without_partial else store.partial(vm_uuid)
     if partial is not None and partial.base_id:
         protected.setdefault(partial.base_id, "the base of an interrupted transfer, which the next replicate resumes")
     recovered = store.vm_dir(vm_uuid) / "recovered"
-    standing = files_standing_on(store)
+    dropped = {layer for t in store.partial_transfers(vm_uuid)
+               for layer in store.uncommitted_layers(vm_uuid, t.snapshot_id)} if without_partial else set()
+    standing = {base: above - dropped for base, above in files_standing_on(store).items()}
     for snap, younger in zip(snaps, snaps[1:]):
         if snap.origin != "received":
             continue

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..catalog import Catalog, Snapshot
-from ..errors import ProtocolError, VmreplError
+from ..errors import ProtocolError, UsageError, VmreplError
 from ..names import safe_name
 from ..state import fsync_dir, make_dir_durably, write_file_durably
 from .chain import crash_point
@@ -35,6 +35,20 @@ class Progress:
     snapshot_id: str
     base_id: str | None
     offsets: dict[str, int]
+
+
+@dataclass(frozen=True)
+class PartialTransfer:
+    """An interrupted transfer as an admin sees it (`vmrepl status`, `vmrepl prune --drop-partial`)."""
+
+    snapshot_id: str
+    base_id: str | None
+    since_ns: int  # the progress file's mtime: when the transfer last made durable progress
+    bytes: int     # disk space held by the layer files that `drop_partial` deletes
+
+    def as_json(self) -> dict:
+        return {"snapshot_id": self.snapshot_id, "base_id": self.base_id, "since_ns": self.since_ns,
+                "bytes": self.bytes}
 
 
 class Store:
@@ -64,31 +78,69 @@ class Store:
         directory = make_dir_durably(self.vm_dir(vm_uuid) / "incoming")
         return directory / f"{safe_name('snapshot id', snapshot_id)}.json"
 
+    def _progress_files(self, vm_uuid: str) -> list[Path]:
+        directory = self.vm_dir(vm_uuid) / "incoming"
+        return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+    @staticmethod
+    def _read_progress(path: Path) -> Progress:
+        """Raises ValueError, KeyError or TypeError when the file is not a progress file."""
+        doc = json.loads(path.read_text())
+        return Progress(doc["snapshot_id"], doc["base_id"], {str(k): int(v) for k, v in doc["offsets"].items()})
+
     def partial(self, vm_uuid: str) -> Progress | None:
         """The resumable transfer of this VM, if one was interrupted."""
-        directory = self.vm_dir(vm_uuid) / "incoming"
-        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        for path in self._progress_files(vm_uuid):
             try:
-                doc = json.loads(path.read_text())
-                return Progress(doc["snapshot_id"], doc["base_id"], {str(k): int(v) for k, v in doc["offsets"].items()})
+                return self._read_progress(path)
             except (ValueError, KeyError, TypeError):
                 path.unlink()  # a progress file we cannot read only costs a restart of that transfer
         return None
+
+    def partial_vms(self) -> list[str]:
+        """Uuids of the VMs with a progress file here, catalogued or not (a first full send that stopped
+        leaves a VM that no catalog row names yet)."""
+        return sorted({path.parent.parent.name for path in self.root.glob("*/incoming/*.json")
+                       if _is_safe(path.parent.parent.name)})  # a directory vmrepl made, not one put there by hand
+
+    def partial_transfers(self, vm_uuid: str) -> list[PartialTransfer]:
+        """The VM's interrupted transfers, for an admin to see or drop; changes nothing (`vmrepl status`
+        runs beside receivers and need not be able to write). A transfer under way shows too, its
+        progress file rewritten every PROGRESS_SECONDS while data arrives (sink/receive.py)."""
+        found = []
+        for path in self._progress_files(vm_uuid):
+            try:
+                progress, since_ns = self._read_progress(path), path.stat().st_mtime_ns
+                layers = self.uncommitted_layers(vm_uuid, progress.snapshot_id)
+            except (OSError, ValueError, KeyError, TypeError, UsageError):
+                continue  # unreadable, or just removed by a commit: the next receive deletes the former
+            known = self.catalog.find_snapshot(progress.snapshot_id)
+            if known is not None and known.held:
+                continue  # a commit that stopped before removing its progress file: nothing is partial
+            found.append(PartialTransfer(progress.snapshot_id, progress.base_id, since_ns,
+                                         sum(_allocated(layer) for layer in layers)))
+        return found
 
     def save_progress(self, vm_uuid: str, progress: Progress) -> None:
         """Call only after the layers hold (flushed) every extent below the offsets."""
         write_file_durably(self._progress_path(vm_uuid, progress.snapshot_id), json.dumps(
             {"snapshot_id": progress.snapshot_id, "base_id": progress.base_id, "offsets": progress.offsets}).encode())
 
-    def drop_partial(self, vm_uuid: str, snapshot_id: str) -> None:
-        """Forget an interrupted transfer: its partial layers, the complete ones that no catalog row names
-        (disks that arrived whole before the transfer stopped), and then its progress file."""
+    def uncommitted_layers(self, vm_uuid: str, snapshot_id: str) -> list[Path]:
+        """An interrupted transfer's layer files: its partial layers, and the complete ones that no catalog
+        row names (disks that arrived whole before the transfer stopped)."""
         disks = self.vm_dir(vm_uuid) / "disks"
         sid = safe_name("snapshot id", snapshot_id)
         uncommitted = self.catalog.find_snapshot(snapshot_id) is None
-        for name in [f".{sid}.qcow2.partial", *([f"{sid}.qcow2"] if uncommitted else [])]:
-            for layer in disks.glob(f"*/{name}") if disks.is_dir() else []:
-                layer.unlink()
+        names = [f".{sid}.qcow2.partial", *([f"{sid}.qcow2"] if uncommitted else [])]
+        return [layer for name in names for layer in (disks.glob(f"*/{name}") if disks.is_dir() else [])]
+
+    def drop_partial(self, vm_uuid: str, snapshot_id: str) -> None:
+        """Forget an interrupted transfer: its layer files (`uncommitted_layers`), then its progress file.
+        A crash in between leaves a progress file whose layers are gone: the next hello reports those
+        disks at offset 0 (`_Session._durable`), so the transfer restarts."""
+        for layer in self.uncommitted_layers(vm_uuid, snapshot_id):
+            layer.unlink(missing_ok=True)
         self._progress_path(vm_uuid, snapshot_id).unlink(missing_ok=True)
 
     # --- commit ----------------------------------------------------------------------------------
@@ -137,3 +189,19 @@ class Store:
         if path.exists():
             path.unlink()
             fsync_dir(path.parent)
+
+
+def _allocated(path: Path) -> int:
+    """Bytes `path` takes on disk (a partial layer is sparse: its size says little); 0 once gone."""
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _is_safe(name: str) -> bool:
+    try:
+        safe_name("VM uuid", name)
+    except UsageError:
+        return False
+    return True
