@@ -132,3 +132,19 @@ def test_a_prune_killed_at_each_step_is_finished_by_the_next(make_vm, second_hos
     for snap in run_vmrepl("list", vm.name, "--json", state_dir=src_state).json():
         for disk in snap["disks"]:
             assert not img.check(disk["image"]).get("corruptions")
+
+
+def test_another_domain_whose_chain_cannot_be_read_stops_a_prune(make_vm, src_state, run_vmrepl):
+    """Whether the other domain stands on one of this VM's layers is unknown: nothing is merged, and the
+    one line names that domain."""
+    vm = make_vm({"vda": 32 * MiB}, start=False)
+    for name in ["s1", "s2"]:
+        vm.write_pattern("vda", 0, MiB, 0x41)
+        run_vmrepl("snapshot", vm.name, "--name", name, state_dir=src_state)
+    other = make_vm({"vda": 32 * MiB}, start=False)
+    other.current_image("vda").unlink()
+    refused = run_vmrepl("prune", vm.name, "--keep", "last=1", state_dir=src_state, check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"vmrepl: cannot read the chain of disk vda of another domain, {other.name},")
+    assert f"repair or undefine {other.name}, then prune again" in refused.stderr
+    assert names(run_vmrepl, src_state, vm) == ["s1", "s2"]

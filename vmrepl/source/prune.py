@@ -19,7 +19,7 @@ from pathlib import Path
 import libvirt
 
 from ..catalog import Catalog, Layer, Merge, Snapshot
-from ..errors import SourceError
+from ..errors import NotFoundError, QemuError, SourceError
 from ..qemu import img
 from ..state import crash_point, fsync_dir
 from . import domain
@@ -125,7 +125,13 @@ def files_of_other_domains(conn: libvirt.virConnect, dom: libvirt.virDomain) -> 
         except SourceError:
             continue  # a domain vmrepl does not handle (raw disks...) cannot stand on a vmrepl layer
         for disk in disks:
-            files.update(os.path.normpath(entry["filename"]) for entry in img.info(disk.image, chain=True))
+            try:
+                chain = img.info(disk.image, chain=True)
+            except (QemuError, NotFoundError) as err:  # it might stand on one of ours: nothing may merge
+                raise SourceError(f"cannot read the chain of disk {disk.target} of another domain, {other.name()}, "
+                                  f"to see whether it stands on {dom.name()}'s layers: {err.message}",
+                                  hint=f"repair or undefine {other.name()}, then prune again") from err
+            files.update(os.path.normpath(entry["filename"]) for entry in chain)
     return files
 
 
