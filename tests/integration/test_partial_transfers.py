@@ -171,11 +171,17 @@ def test_a_transfer_under_way_is_not_touched(dst_state: Path, run_vmrepl) -> Non
 def test_a_commit_that_stopped_before_removing_its_progress_file_is_not_partial(dst_state: Path, run_vmrepl) -> None:
     """The receiver dies between the catalog row and the removal of the progress file (FORMAT.md,
     "Committing a snapshot", step 6): the snapshot is held, nothing is partial."""
-    _, _, code = receive(dst_state, sender(header(1), data(1)), env={CRASH_ENV: "after-catalog"})
-    assert code != 0 and (dst_state / "vms" / VM_UUID / "incoming" / "s1.json").exists()
+    commit(dst_state, 1)
+    _, _, code = receive(dst_state, sender(header(2, base=1), data(2)), env={CRASH_ENV: "after-catalog"})
+    stale = dst_state / "vms" / VM_UUID / "incoming" / "s2.json"
+    assert code != 0 and stale.exists()
     (vm,) = status(run_vmrepl, dst_state)
-    assert (vm["snapshots"], vm["partial"]) == (1, [])
-    assert prune(run_vmrepl, dst_state, VM_UUID, "--drop-partial", "--json").json()["dropped_partial"] == []
+    assert (vm["snapshots"], vm["partial"]) == (2, [])
+    hello, _, _ = receive(dst_state, sender(None))
+    assert hello.partial is None  # nothing to resume: s2 is held
+    assert not stale.exists()  # and the leftover is gone, so it no longer keeps s1 as a base
+    done = prune(run_vmrepl, dst_state, VM_UUID, "--keep", "last=1", "--drop-partial", "--json").json()
+    assert (done["pruned"], done["dropped_partial"]) == (["s1"], [])
 
 
 def test_prune_needs_keep_or_drop_partial(dst_state: Path, run_vmrepl) -> None:

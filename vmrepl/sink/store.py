@@ -92,9 +92,14 @@ class Store:
         """The resumable transfer of this VM, if one was interrupted."""
         for path in self._progress_files(vm_uuid):
             try:
-                return self._read_progress(path)
+                progress = self._read_progress(path)
             except (ValueError, KeyError, TypeError):
                 path.unlink()  # a progress file we cannot read only costs a restart of that transfer
+                continue
+            known = self.catalog.find_snapshot(progress.snapshot_id)
+            if known is None or not known.held:
+                return progress
+            path.unlink()  # left by a commit that stopped after its catalog row: nothing is partial
         return None
 
     def partial_vms(self) -> list[str]:
