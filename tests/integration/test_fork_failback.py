@@ -168,14 +168,14 @@ def test_failover_onto_an_older_snapshot_forks_and_fails_back_as_deltas(make_vm,
 
         # Retention on the second host (the domain runs, on b2 over b1 over the recovered s1): local b1
         # goes (b2 merged into its layer while the domain runs), received s0 goes (s1 rebuilt without it);
-        # s1 stays, the recovered domain's chain stands on it. s2 stays: the newest of the original
-        # host's branch, which that host's next delta would be based on (the reason given, "b2, the
-        # next younger snapshot, was taken on this host", is not why: nothing stands on s2's layer).
+        # s1 stays, the recovered domain's chain stands on it. s2 stays: the newest snapshot received
+        # here, which the original host's next delta would be based on (nothing stands on its layer).
         pruned = prune(run_vmrepl, dst_state, vm.name, "last=1", "--connect", uri)
         assert sorted(pruned["pruned"]) == ["b1", "s0"], pruned
         why = reasons(pruned)
         assert set(why) == {"s1", "s2"}, pruned
         assert why["s1"] == "a VM recovered from it (vmrepl recover) stands on its layers", pruned
+        assert why["s2"] == "the newest snapshot received here: its sender's next delta is based on it", pruned
         assert there.is_running()
         away = listing(run_vmrepl, dst_state, vm.name)
         assert list(away) == ["s1", "s2", "b2"]
@@ -278,14 +278,19 @@ def test_failover_onto_an_older_snapshot_forks_and_fails_back_as_deltas(make_vm,
             assert img.compare(str(vm.current_image(t)), image(home["a1"], t))  # no write since a1
         assert_layers_sound(home)
         # Away, shut off on b5: local b3 goes (b4 merged into its layer offline); b4 stays, since merging b5
-        # into it would pull b5's file from under the received a1; b5 is an anchor; s1, s2 as before.
+        # into it would pull b5's file from under the received a1; b5 is an anchor; s1 as before. The
+        # received s2 goes now: the end of the original host's old branch, on which nothing stands, and no
+        # longer the newest snapshot received here (a1 is).
+        s2_away = away["s2"]
         pruned = prune(run_vmrepl, dst_state, vm.name, "last=1", "--connect", uri)
-        assert pruned["pruned"] == ["b3"], pruned
+        assert pruned["pruned"] == ["b3", "s2"], pruned
         why = reasons(pruned)
-        assert set(why) == {"s1", "s2", "b4", "b5"}, pruned
+        assert set(why) == {"s1", "b4", "b5"}, pruned
         assert why["b4"].startswith("another chain stands on the layer of b5"), pruned
         away = listing(run_vmrepl, dst_state, vm.name)
-        assert list(away) == ["s1", "s2", "b4", "b5", "a1"]
+        assert list(away) == ["s1", "b4", "b5", "a1"]
+        for t in TARGETS:
+            assert not os.path.exists(image(s2_away, t))
         for t in TARGETS:
             assert backing(image(away["a1"], t)) == image(away["b5"], t)
         assert_layers_sound(away)

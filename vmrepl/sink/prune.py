@@ -49,12 +49,16 @@ def plan(store: Store, vm_uuid: str, keep: set[str], *, without_partial: bool = 
             continue
         if (recovered / snap.id).exists():
             protected.setdefault(snap.id, "a VM recovered from it (vmrepl recover) stands on its layers")
-        elif younger.origin != "received":
-            # only a received layer is rebuilt off it; what was taken here stands on its own branch
-            protected.setdefault(snap.id, f"{younger.name}, the next younger snapshot, was taken on this host")
+        elif younger.origin != "received" and {Path(d.image) for d in younger.disks} & _standing_on(snap, standing):
+            # only a received layer is rebuilt off it; what was taken here changes by source/prune.py alone
+            protected.setdefault(snap.id, f"{younger.name}, the next younger snapshot, was taken on this host "
+                                          "and stands on its layer")
         elif others := _others_on(snap, younger, standing):
             protected.setdefault(snap.id, f"other layers stand on its layer ({', '.join(sorted(others)[:3])}): "
                                           "a linked clone's, a partial transfer's, or a fork")
+    if received_here := [s for s in snaps if s.origin == "received"]:  # a VM that failed over also took some here
+        protected.setdefault(received_here[-1].id, "the newest snapshot received here: its sender's next delta "
+                                                   "is based on it")
     received = [s for s in snaps if s.origin == "received" and s.id not in keep]
     return [s for s in received if s.id not in protected], {s.id: protected[s.id] for s in received if s.id in protected}
 
@@ -76,10 +80,14 @@ def files_standing_on(store: Store) -> dict[Path, set[Path]]:
     return standing
 
 
+def _standing_on(snap: Snapshot, standing: dict[Path, set[Path]]) -> set[Path]:
+    return {p for layer in snap.disks for p in standing.get(Path(layer.image), set())}
+
+
 def _others_on(snap: Snapshot, younger: Snapshot | None, standing: dict[Path, set[Path]]) -> set[str]:
     """The names of files other than `younger`'s layers that stand on `snap`'s layers."""
     mine = {Path(d.image) for d in younger.disks} if younger else set()
-    return {p.name for layer in snap.disks for p in standing.get(Path(layer.image), set()) - mine}
+    return {p.name for p in _standing_on(snap, standing) - mine}
 
 
 def prune_one(store: Store, daemon: StorageDaemon, gone: Snapshot) -> None:
