@@ -1,6 +1,8 @@
-"""Byte counts as people read them in text output (JSON keeps plain integers)."""
+"""Byte counts and instants as people read them in text output (JSON keeps plain integers)."""
 
 from __future__ import annotations
+
+import time
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -15,3 +17,8 @@ def human_bytes(count: int) -> str:
             break
         value, unit = value / 1024, bigger
     return f"{value:,.1f} {unit}"
+
+
+def local_time(ns: int) -> str:
+    """'2026-11-25 16:08:27': nanoseconds since the epoch, in this host's time zone."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))

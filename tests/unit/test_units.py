@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from vmrepl.units import human_bytes
+from vmrepl.units import human_bytes, local_time
 
 
 @pytest.mark.parametrize("count, text", [
@@ -14,3 +16,13 @@ from vmrepl.units import human_bytes
 ])
 def test_human_bytes(count: int, text: str) -> None:
     assert human_bytes(count) == text
+
+
+def test_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert local_time(1_764_086_907_500_000_000) == "2025-11-25 16:08:27"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

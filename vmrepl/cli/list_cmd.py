@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
+from ..units import local_time
 from .common import Env, catalog_vm, format_table, global_options, pass_env
 
 
@@ -20,7 +19,7 @@ def list_(env: Env, vm: str) -> None:
 
     def text() -> str:
         rows = [[s.name, s.id[:8], s.generation,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_ns / 1e9)),
+                 local_time(s.created_ns),
                  (s.parent or "-")[:8], ",".join(d.target for d in s.disks)] for s in snapshots]
         return format_table(["NAME", "ID", "GEN", "CREATED", "PARENT", "DISKS"], rows)
 

@@ -13,14 +13,13 @@ transfer's base for it. The next replicate sends that snapshot again from its st
 
 from __future__ import annotations
 
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import click
 
-from ..units import human_bytes
+from ..units import human_bytes, local_time
 from .common import Env, catalog_vm, format_table, global_options, locked_domain, pass_env
 
 if TYPE_CHECKING:
@@ -203,4 +202,4 @@ def _partial_lines(vm: str, dropped: list[PartialTransfer], dry_run: bool) -> li
         return [f"{vm}: no partial transfer here"]
     verb = "would drop" if dry_run else "dropped"
     return [f"{vm}: {verb} the partial transfer of snapshot {p.snapshot_id} ({human_bytes(p.bytes)}, last progress "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p.since_ns / 1e9))})" for p in dropped]
+            f"{local_time(p.since_ns)})" for p in dropped]

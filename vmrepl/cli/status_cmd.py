@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..units import human_bytes
+from ..units import human_bytes, local_time
 from .common import Env, format_table, global_options, pass_env
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def _partial_lines(vms: list[dict]) -> list[str]:
     lines = []
     for vm in vms:
         for p in vm["partial"]:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["since_ns"] / 1e9))
+            since = local_time(p["since_ns"])
             lines.append(f"PARTIAL {vm['vm']}: snapshot {p['snapshot_id'][:8]} on base {(p['base_id'] or '-')[:8]}, "
                          f"{human_bytes(p['bytes'])}, last progress {since}; "
                          f"resumed by the next replicate, or discard: vmrepl prune {vm['vm']} --drop-partial")
