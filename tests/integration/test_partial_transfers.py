@@ -73,8 +73,9 @@ def prune(run_vmrepl, dst: Path, *args: str, check: bool = True):  # type: ignor
 # --- crafted streams -------------------------------------------------------------------------------
 
 def test_a_first_send_stopped_part_way_is_shown_and_dropped(dst_state: Path, run_vmrepl) -> None:
-    """No catalog row names the VM yet: `status` lists it by uuid, and `prune UUID --drop-partial` takes
-    it; the next send of that snapshot starts afresh and commits."""
+    """No catalog row names the VM yet: `status` lists it by the name its progress file keeps (by uuid
+    when an older vmrepl wrote the file without one), and `prune NAME --drop-partial` takes it; the next
+    send of that snapshot starts afresh and commits."""
     stop_part_way(dst_state, 1)
     vm_dir = dst_state / "vms" / VM_UUID
     layers = [vm_dir / "disks" / "vda" / "s1.qcow2", vm_dir / "disks" / "vdb" / ".s1.qcow2.partial"]
@@ -83,12 +84,18 @@ def test_a_first_send_stopped_part_way_is_shown_and_dropped(dst_state: Path, run
     assert allocated(layers) > 0
 
     assert status(run_vmrepl, dst_state) == [{
-        "vm": VM_UUID, "vm_uuid": VM_UUID, "snapshots": 0, "newest": None, "newest_created_ns": None, "targets": [],
-        "partial": [{"snapshot_id": "s1", "base_id": None, "since_ns": progress.stat().st_mtime_ns,
-                     "bytes": allocated(layers)}]}]
+        "vm": "crafted-6a1c", "vm_uuid": VM_UUID, "snapshots": 0, "newest": None, "newest_created_ns": None,
+        "targets": [], "partial": [{"snapshot_id": "s1", "base_id": None, "since_ns": progress.stat().st_mtime_ns,
+                                    "bytes": allocated(layers)}]}]
     (line,) = partial_lines(run_vmrepl, dst_state)
-    assert line.startswith(f"PARTIAL {VM_UUID}: snapshot s1 on base -, {human_bytes(allocated(layers))}, last progress ")
-    assert line.endswith(f"vmrepl prune {VM_UUID} --drop-partial")
+    assert line.startswith(f"PARTIAL crafted-6a1c: snapshot s1 on base -, {human_bytes(allocated(layers))}, "
+                           "last progress ")
+    assert line.endswith("vmrepl prune crafted-6a1c --drop-partial")
+
+    doc = json.loads(progress.read_text())  # as an older vmrepl wrote it: no name, so the uuid stands in
+    del doc["vm_name"]
+    progress.write_text(json.dumps(doc))
+    assert [vm["vm"] for vm in status(run_vmrepl, dst_state)] == [VM_UUID]
 
     before = files(vm_dir)
     dry = prune(run_vmrepl, dst_state, VM_UUID, "--drop-partial", "--dry-run", "--json").json()
@@ -106,6 +113,12 @@ def test_a_first_send_stopped_part_way_is_shown_and_dropped(dst_state: Path, run
     assert hello.partial is None  # the sender is told of nothing to resume: it sends s1 from its start
     commit(dst_state, 1)
     assert set(files(vm_dir)) == {"disks/vda/s1.qcow2", "disks/vdb/s1.qcow2", "definitions/s1.xml"}
+
+
+def test_a_first_send_stopped_part_way_is_dropped_by_the_vms_name(dst_state: Path, run_vmrepl) -> None:
+    stop_part_way(dst_state, 1)
+    done = prune(run_vmrepl, dst_state, "crafted-6a1c", "--drop-partial", "--json").json()
+    assert done["dropped_partial"] == ["s1"] and files(dst_state / "vms" / VM_UUID) == {}
 
 
 def test_drop_partial_with_keep_prunes_what_the_partial_kept(dst_state: Path, run_vmrepl) -> None:

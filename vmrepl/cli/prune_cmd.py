@@ -184,13 +184,12 @@ def _drop_partial(env: Env, vm: str, dry_run: bool, outcome: Outcome) -> bool:
 
 
 def _partial_vm(catalog: Catalog, store: Store, vm: str) -> str:
-    """The uuid of `vm`: a VM the catalog knows (by name or uuid), else the uuid of one whose first full
-    send stopped before its commit (no catalog row names it yet; `vmrepl status` shows that uuid)."""
+    """The uuid of `vm`: a VM the catalog knows (by name or uuid), else one whose first full send stopped
+    before its commit (no catalog row names it yet: its progress file has the name)."""
     from ..errors import NotFoundError
 
-    uuid = catalog.vm_uuid(vm)
-    if uuid is None and vm in store.partial_vms():
-        uuid = vm
+    uuid = catalog.vm_uuid(vm) or next(
+        (u for u in store.partial_vms() if vm in (u, *(t.vm_name for t in store.partial_transfers(u)))), None)
     if uuid is None:
         raise NotFoundError(f"no VM {vm!r} in the catalog at {catalog.path.parent}, and no partial transfer of it",
                             hint="`vmrepl status` lists VMs and their partial transfers; check --state-dir")

@@ -69,13 +69,13 @@ def status(env: Env) -> None:
 
 def _uncatalogued(store: Store, catalogued: set[str]) -> list[dict]:
     """VMs that only a partial transfer names: their first full send stopped before its commit. No
-    catalog row gives a name, so the uuid (the directory's name) stands in: `prune UUID --drop-partial`."""
+    catalog row gives a name: the progress file's does (the uuid, for a file an older vmrepl wrote)."""
     found = []
     for uuid in store.partial_vms():
         partial = store.partial_transfers(uuid) if uuid not in catalogued else []
         if partial:
-            found.append({"vm": uuid, "vm_uuid": uuid, "snapshots": 0, "newest": None, "newest_created_ns": None,
-                          "targets": [], "partial": [p.as_json() for p in partial]})
+            found.append({"vm": partial[0].vm_name or uuid, "vm_uuid": uuid, "snapshots": 0, "newest": None,
+                          "newest_created_ns": None, "targets": [], "partial": [p.as_json() for p in partial]})
     return found
 
 

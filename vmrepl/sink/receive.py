@@ -201,7 +201,7 @@ class _Session:
             # Before the first partial layer exists, so that a transfer that stops at any point is found
             # (and resumed or dropped) by the next session; and a disk that restarts below its old resume
             # point must not be claimed as stored further.
-            self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
+            self._save_progress(header, offsets)
         layers = []
         for disk in header.disks:
             final = self.store.layer_path(self.vm_uuid, disk.target, header.id)
@@ -226,7 +226,7 @@ class _Session:
                     self._receive_disk(header, disk.target, writer, delta, offsets)
                     writer.commit()
                 offsets[disk.target] = disk.virtual_size
-                self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
+                self._save_progress(header, offsets)
             layers.append(Layer(disk.target, str(final), disk.virtual_size, tracking="clusters"))
         self.reader.expect(Trailer)  # the reader checks the whole-stream digest
         snap = Snapshot(id=header.id, vm_uuid=self.vm_uuid, vm_name=self.vm_name, name=header.name,
@@ -235,6 +235,9 @@ class _Session:
         upper = chain.successor(self.store.held(self.vm_uuid), snap)
         self.store.commit(snap, insert_below=upper.id if upper and chain.rebase_pairs(upper, snap) else None)
         chain.finish_insertions_or_warn(self.store, self.daemon, self.vm_uuid)
+
+    def _save_progress(self, header: SnapshotHeader, offsets: dict[str, int]) -> None:
+        self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets, vm_name=self.vm_name))
 
     def _receive_disk(self, header: SnapshotHeader, target: str, writer: LayerWriter,
                       delta: chain.DeltaFilter | None, offsets: dict[str, int]) -> None:
@@ -280,7 +283,7 @@ class _Session:
                 store()
                 writer.flush()
                 offsets[target] = end
-                self.store.save_progress(self.vm_uuid, Progress(header.id, header.base, offsets))
+                self._save_progress(header, offsets)
                 unsaved, last_save = 0, time.monotonic()
 
     def _discard(self, header: SnapshotHeader) -> None:

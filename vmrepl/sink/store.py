@@ -35,6 +35,7 @@ class Progress:
     snapshot_id: str
     base_id: str | None
     offsets: dict[str, int]
+    vm_name: str = ""  # the sender's name for the VM: the catalog has none before its first commit
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PartialTransfer:
     base_id: str | None
     since_ns: int  # the progress file's mtime: when the transfer last made durable progress
     bytes: int     # disk space held by the layer files that `drop_partial` deletes
+    vm_name: str   # the sender's name for the VM ('' in files of an older vmrepl)
 
     def as_json(self) -> dict:
         return {"snapshot_id": self.snapshot_id, "base_id": self.base_id, "since_ns": self.since_ns,
@@ -86,7 +88,8 @@ class Store:
     def _read_progress(path: Path) -> Progress:
         """Raises ValueError, KeyError or TypeError when the file is not a progress file."""
         doc = json.loads(path.read_text())
-        return Progress(doc["snapshot_id"], doc["base_id"], {str(k): int(v) for k, v in doc["offsets"].items()})
+        return Progress(doc["snapshot_id"], doc["base_id"], {str(k): int(v) for k, v in doc["offsets"].items()},
+                        str(doc.get("vm_name", "")))  # absent from files an older vmrepl wrote
 
     def partial(self, vm_uuid: str) -> Progress | None:
         """The resumable transfer of this VM, if one was interrupted."""
@@ -123,13 +126,14 @@ class Store:
             if known is not None and known.held:
                 continue  # a commit that stopped before removing its progress file: nothing is partial
             found.append(PartialTransfer(progress.snapshot_id, progress.base_id, since_ns,
-                                         sum(_allocated(layer) for layer in layers)))
+                                         sum(_allocated(layer) for layer in layers), progress.vm_name))
         return found
 
     def save_progress(self, vm_uuid: str, progress: Progress) -> None:
         """Call only after the layers hold (flushed) every extent below the offsets."""
         write_file_durably(self._progress_path(vm_uuid, progress.snapshot_id), json.dumps(
-            {"snapshot_id": progress.snapshot_id, "base_id": progress.base_id, "offsets": progress.offsets}).encode())
+            {"snapshot_id": progress.snapshot_id, "base_id": progress.base_id, "offsets": progress.offsets,
+             "vm_name": progress.vm_name}).encode())
 
     def uncommitted_layers(self, vm_uuid: str, snapshot_id: str) -> list[Path]:
         """An interrupted transfer's layer files: its partial layers, and the complete ones that no catalog
