@@ -4,7 +4,8 @@ One daemon per vmrepl run: images are added as block nodes, exported on one NBD 
 (block status, data) or written through libnbd handles. QMP goes over the daemon's stdin and stdout;
 its NBD socket lives in a private 0700 directory. The daemon is stopped on leaving the `with` block,
 whatever happened inside it, and is killed by the kernel if the thread that started it dies first
-(PR_SET_PDEATHSIG), so no run leaves one behind. Start it from the thread that lives as long as the work (the main thread).
+(PR_SET_PDEATHSIG), so no run leaves one behind. Start it from the thread that lives as long as the
+work (the main thread).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class StorageDaemon:
         return self._qmp
 
     def stop(self) -> None:
-        """Quit the daemon (kill it if it does not go within 5 s) and remove its sockets."""
+        """Quit the daemon (kill it if it does not go within 5 s) and remove its directory."""
         if self._qmp is not None:
             with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
                 self._qmp.cmd("quit")
