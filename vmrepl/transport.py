@@ -225,7 +225,7 @@ class Connection:
             while chunk := self.channel.recv_stderr(32 << 10):
                 self._stderr += chunk
                 del self._stderr[:-STDERR_KEEP]
-        except OSError:
+        except (OSError, EOFError):  # EOFError: the window adjust a read sends found the transport closed
             pass
         finally:
             self._stderr_done.set()

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from testbed import VMREPL, pid_alive, run
+from testbed import VMREPL, pid_alive, run, wait_until
 from testbed.host import SecondHost
 from testbed.vm import VM
 from vmrepl import wire
@@ -36,14 +36,6 @@ DISKS = {"vda": 64 * MiB, "vdb": 32 * MiB}
 DELTA = {"vda": 16 * MiB, "vdb": 8 * MiB}
 SLOW = ("--bwlimit", "4M")
 LOCKED = "another vmrepl run is working on this VM"
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
-        time.sleep(0.05)
 
 
 def children(pid: int) -> list[int]:

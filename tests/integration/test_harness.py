@@ -15,7 +15,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from testbed import ROOT, run
+from testbed import ROOT, run, wait_until
 from testbed.host import SecondHost
 from testbed.vm import CLUSTER_SIZE, KiB, MiB, cleanup_leftovers, domain_type, read_matches
 
@@ -146,7 +146,7 @@ def own_host() -> Iterator[SecondHost]:
 def test_a_host_left_by_a_killed_run_is_rebuilt_at_start(own_host: SecondHost, second_host: SecondHost):
     old = own_host.sshd_pid()
     os.kill(old, signal.SIGKILL)  # the netns, veth pair and pid file stay behind
-    assert not own_host.running()
+    wait_until(lambda: not own_host.running(), "the killed sshd is gone", timeout=10)  # the signal is asynchronous
     own_host.start()
     assert own_host.sshd_pid() not in (None, old)
     assert run(own_host.ssh_argv("hostname -I")).stdout.split() == [own_host.address]
