@@ -241,6 +241,14 @@ class SecondHost:
             _write_atomically(self.authorized_keys, "".join(f"{entry}\n" for entry in [*kept, line]))
         return line
 
+    def ssh_config(self, alias: str, *, identity: Path | None = None, known_hosts: Path | None = None,
+                   **options: str) -> str:
+        """An ssh_config `Host` block that reaches this host as `alias`; keywords add or replace options."""
+        block = {"HostName": self.address, "Port": str(self.port), "User": self.user,
+                 "IdentityFile": str(identity or self.identity), "IdentitiesOnly": "yes",
+                 "UserKnownHostsFile": str(known_hosts or self.known_hosts), **options}
+        return f"Host {alias}\n" + "".join(f"    {key} {value}\n" for key, value in block.items())
+
     def vmrepl_args(self, receiver_state: Path, *, identity: Path | None = None,
                     known_hosts: Path | None = None, remote: str | None = None) -> list[str]:
         """`vmrepl replicate|verify` options that reach this host's `vmrepl receive --state-dir RECEIVER_STATE`."""

@@ -12,7 +12,7 @@ retry may succeed (the replication driver retries only those)::
      |    +-- UnsupportedDiskError   a disk vmrepl cannot track (raw, network, ...)
      |    +-- HookError              a user pre/post hook failed
      +-- QemuError               qemu-img or qemu-storage-daemon refused or failed (either host)
- +-- ChangeTrackingError     a dirty bitmap is missing or inconsistent (callers fall back)
+     +-- ChangeTrackingError     a dirty bitmap is missing or inconsistent (callers fall back)
      +-- TransportError          ssh could not connect or the connection dropped (retryable)
      |    +-- HostKeyError           unknown or changed host key
      |    +-- AuthError              the key was refused

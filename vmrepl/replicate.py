@@ -26,7 +26,8 @@ from .errors import ChangeTrackingError, ProtocolError, SourceError, TransportEr
 from .extents import Extent, split, total_length, union
 from .qemu.storage_daemon import StorageDaemon, pread
 from .source.changes import DiskChanges, disk_changes, full_disk_changes
-from .transport import Connection, ConnectOptions, Opening, parse_destination
+from .destination import parse_destination
+from .transport import Connection, ConnectOptions, Opening
 from .wire import (MAX_BLOCKS, BlockDigestReply, BlockDigestRequest, DiskInfo, EncodedData, End, Error, FrameReader,
                    FrameWriter, Hello, Ok, ReceiverHello, SnapshotHeader, VerifyReply, VerifyRequest, block_digest,
                    encode_data)

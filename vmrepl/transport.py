@@ -1,9 +1,10 @@
 """SSH transport: an exec channel to `vmrepl receive` on the destination, via paramiko.
 
 `connect()` returns a Connection whose `reader` and `writer` are binary file objects for
-wire.FrameReader / wire.FrameWriter. Host keys are checked strictly (~/.ssh/known_hosts plus
-`--known-hosts`); an unknown key is refused unless the caller accepts new keys, a changed key
-always is. The remote stderr is drained by a thread (so a chatty remote cannot stall the channel)
+wire.FrameReader / wire.FrameWriter. It logs in to each hop that destination.py finds in the ssh
+client config (jump hosts first, each tunnelled through the one before). Host keys are checked
+strictly (~/.ssh/known_hosts or UserKnownHostsFile, plus `--known-hosts`); an unknown key is refused
+unless the caller or the config accepts new keys, a changed key always is. The remote stderr is drained by a thread (so a chatty remote cannot stall the channel)
 and named in the error when the remote command fails. docs/SSH.md shows the authorized_keys line
 that pins the receiver.
 """
@@ -11,15 +12,14 @@ that pins the receiver.
 from __future__ import annotations
 
 import base64
-import getpass
 import hashlib
 import hmac
 import io
-import ipaddress
 import logging
 import os
 import re
 import socket
+import stat
 import sys
 import threading
 import time
@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # paramiko imports invoke (and with it yaml) only to run `Match exec` lines of ssh_config files, which
-# vmrepl never reads; without it paramiko imports in 55 ms instead of 90, at the start of every run.
+# vmrepl does not run (destination.py says so); without it paramiko imports in 55 ms instead of 90.
 sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 import paramiko  # noqa: E402
 
+from .destination import Hop, route
 from .errors import AuthError, HostKeyError, TransportError, UsageError
 from .state import fsync_dir
 
@@ -53,68 +54,6 @@ log = logging.getLogger(__name__)
 
 def user_known_hosts() -> Path:
     return Path("~/.ssh/known_hosts").expanduser()
-
-
-# --- destinations -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Destination:
-    host: str
-    port: int = 22
-    user: str | None = None
-
-    @property
-    def known_hosts_name(self) -> str:
-        """How OpenSSH names the host in known_hosts."""
-        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        user = f"{self.user}@" if self.user else ""
-        return f"{user}{host}" + (f":{self.port}" if self.port != 22 else "")
-
-
-_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
-
-
-def parse_destination(text: str) -> Destination:
-    """`[USER@]HOST[:PORT]`, HOST a name, an IPv4 address or `[IPV6]` (bare IPv6 without a port)."""
-    def bad(why: str) -> UsageError:
-        return UsageError(f"invalid destination {text!r}: {why}",
-                          hint="write [USER@]HOST[:PORT], e.g. root@backup1:2222 or root@[fd00::2]:22")
-    user = None
-    rest = text
-    if "@" in rest:
-        user, rest = rest.rsplit("@", 1)
-        if not _USER.fullmatch(user):
-            raise bad(f"bad user name {user!r}")
-    port_text = None
-    if rest.startswith("["):
-        host, sep, tail = rest[1:].partition("]")
-        if not sep or (tail and not tail.startswith(":")):
-            raise bad("unbalanced brackets")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad(f"{host!r} is not an IPv6 address") from None
-        port_text = tail[1:] if tail else None
-    elif rest.count(":") > 1:
-        try:
-            host = str(ipaddress.IPv6Address(rest))
-        except ValueError:
-            raise bad("an IPv6 address with a port must be in brackets") from None
-    else:
-        host, _, port_text = rest.partition(":")
-        port_text = port_text if ":" in rest else None
-        if not _HOSTNAME.fullmatch(host):
-            raise bad(f"bad host name {host!r}")
-    port = 22
-    if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise bad(f"bad port {port_text!r}")
-        port = int(port_text)
-    return Destination(host=host, port=port, user=user)
 
 
 # --- channel as file objects --------------------------------------------------------------------
@@ -207,13 +146,14 @@ class Connection:
     """One ssh session running the remote command. `reader`/`writer` are the command's stdout and
     stdin as binary files; `stderr()` what it wrote to stderr so far (the last 64 KiB)."""
 
-    def __init__(self, destination: Destination, transport: paramiko.Transport, channel: paramiko.Channel,
+    def __init__(self, destination: Hop, transports: list[paramiko.Transport], channel: paramiko.Channel,
                  command: str, bwlimit: int | None) -> None:
         self.destination = destination
-        self.transport = transport
+        self.transport = transports[-1]
+        self._jumps = transports[:-1]  # the jump hosts' logins the session is tunnelled through
         self.channel = channel
         self.command = command
-        self.cipher = transport.remote_cipher
+        self.cipher = self.transport.remote_cipher
         self._stderr = bytearray()
         self._stderr_done = threading.Event()
         threading.Thread(target=self._drain_stderr, name="ssh-stderr", daemon=True).start()
@@ -261,7 +201,8 @@ class Connection:
         for stream in (self.writer, self.reader):
             stream.close()
         self.channel.close()
-        self.transport.close()
+        for transport in (self.transport, *reversed(self._jumps)):
+            transport.close()
 
     def __enter__(self) -> Connection:
         return self
@@ -278,6 +219,7 @@ class ConnectOptions:
     accept_new_host_key: bool = False
     remote_command: str = DEFAULT_REMOTE_COMMAND
     bwlimit: int | None = None
+    ssh_config: str | None = None
 
 
 class Opening:
@@ -293,7 +235,8 @@ class Opening:
         try:
             self._future.set_result(connect(o.destination, identity=o.identity, known_hosts=o.known_hosts,
                                             accept_new_host_key=o.accept_new_host_key,
-                                            remote_command=o.remote_command, bwlimit=o.bwlimit))
+                                            remote_command=o.remote_command, bwlimit=o.bwlimit,
+                                            ssh_config=o.ssh_config))
         except BaseException as err:  # noqa: BLE001 - raised again by result(), in the caller's thread
             self._future.set_exception(err)
 
@@ -301,41 +244,55 @@ class Opening:
         return self._future.result()
 
 
-def connect(destination: str | Destination, *, identity: Path | None = None, known_hosts: Path | None = None,
+def connect(destination: str, *, identity: Path | None = None, known_hosts: Path | None = None,
             accept_new_host_key: bool = False, remote_command: str = DEFAULT_REMOTE_COMMAND,
-            bwlimit: int | None = None,
+            bwlimit: int | None = None, ssh_config: str | None = None,
             timeout: float = CONNECT_TIMEOUT) -> Connection:
-    """Open an authenticated ssh session to `destination` and run the remote command in it.
-    `bwlimit` caps what is sent, in bytes per second. An authorized_keys `command=` on the destination
-    replaces `remote_command`; the forced command then names its own state dir."""
-    dest = parse_destination(destination) if isinstance(destination, str) else destination
-    user = dest.user or getpass.getuser()
-    sock = _open_socket(dest, timeout)
-    transport = paramiko.Transport(sock)
+    """Open an authenticated ssh session to `destination` (looked up in `ssh_config`, through its jump
+    hosts) and run the remote command in it. `identity` is the destination's key; `known_hosts` and
+    `accept_new_host_key` hold for every hop. `bwlimit` caps what is sent, in bytes per second. An
+    authorized_keys `command=` on the destination replaces `remote_command`; the forced command then
+    names its own state dir."""
+    hops = route(destination, ssh_config)
+    transports: list[paramiko.Transport] = []
     try:
-        known = _load_known_hosts(known_hosts)
-        _negotiate(transport, dest, [k.key for k in known.lookup(dest.known_hosts_name)], timeout)
-        _check_host_key(transport.get_remote_server_key(), dest, known, known_hosts, accept_new_host_key)
-        _authenticate(transport, dest, user, identity)
+        for hop in hops:
+            hop_timeout = hop.connect_timeout or timeout
+            sock = _tunnel(transports[-1], hop, hop_timeout) if transports else _open_socket(hop, hop_timeout)
+            transports.append(paramiko.Transport(sock))
+            _login(transports[-1], hop, identity if hop is hops[-1] else None, known_hosts,
+                   accept_new_host_key or hop.accept_new_host_key, hop_timeout)
+        dest = hops[-1]
         try:
-            channel = transport.open_session(timeout=timeout)
+            channel = transports[-1].open_session(timeout=timeout)
             channel.exec_command(remote_command)
         except (paramiko.SSHException, OSError) as err:
             raise TransportError(f"{dest.host} refused to run {remote_command!r}: {err}",
                                  hint="check sshd's configuration there") from None
-        return Connection(dest, transport, channel, remote_command, bwlimit)
+        return Connection(dest, transports, channel, remote_command, bwlimit)
     except BaseException:
-        transport.close()
+        for transport in reversed(transports):
+            transport.close()
         raise
 
 
-def _open_socket(dest: Destination, timeout: float) -> socket.socket:
+def _login(transport: paramiko.Transport, hop: Hop, identity: Path | None, known_hosts: Path | None,
+           accept_new: bool, timeout: float) -> None:
+    """Handshake, host key check and authentication of one hop."""
+    own_files = hop.known_hosts or (user_known_hosts(),)
+    known = _load_known_hosts([*own_files, known_hosts])
+    _negotiate(transport, hop, [k.key for k in known.lookup(hop.known_hosts_name)], timeout)
+    _check_host_key(transport.get_remote_server_key(), hop, known, known_hosts or own_files[0], accept_new)
+    _authenticate(transport, hop, identity)
+
+
+def _open_socket(dest: Hop, timeout: float) -> socket.socket:
     where = f"{dest.host} port {dest.port}"
     try:
         sock = socket.create_connection((dest.host, dest.port), timeout=timeout)
     except socket.gaierror as err:
         raise TransportError(f"cannot resolve {dest.host}: {err.strerror}",
-                             hint="check the host name and DNS") from None
+                             hint="check the host name (and ~/.ssh/config) and DNS") from None
     except TimeoutError:
         raise TransportError(f"cannot connect to {where}: timed out after {timeout:g} s",
                              hint="check the address, the network and that sshd listens there") from None
@@ -350,6 +307,20 @@ def _open_socket(dest: Destination, timeout: float) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)
     return sock
+
+
+def _tunnel(jump: paramiko.Transport, dest: Hop, timeout: float) -> paramiko.Channel:
+    """A direct-tcpip channel from the jump host `jump` to `dest` (ssh's ProxyJump, `ssh -W`)."""
+    via = jump.getpeername()[0]
+    try:
+        return jump.open_channel("direct-tcpip", (dest.host, dest.port), ("127.0.0.1", 0), timeout=timeout)
+    except paramiko.ChannelException as err:
+        raise TransportError(f"jump host {via} cannot reach {dest.host} port {dest.port}: {err.text}",
+                             hint="check the address, and that sshd there allows forwarding (AllowTcpForwarding)"
+                             ) from None
+    except (paramiko.SSHException, OSError, EOFError) as err:
+        raise TransportError(f"connection to jump host {via} dropped: {err or type(err).__name__}",
+                             hint="check the network and the jump host, then retry") from None
 
 
 @dataclass(frozen=True)
@@ -388,12 +359,12 @@ class _KnownHosts:
         return [k for k in self.keys if k.matches(name)]
 
 
-def _load_known_hosts(known_hosts: Path | None) -> _KnownHosts:
-    """The keys of ~/.ssh/known_hosts and `known_hosts`. A line paramiko cannot read is skipped with a
+def _load_known_hosts(files: list[Path | None]) -> _KnownHosts:
+    """The keys of the known_hosts `files` that exist. A line paramiko cannot read is skipped with a
     warning naming it (OpenSSH skips it too): one bad line must not stop every replication."""
     keys: list[_KnownKey] = []
     revoked: list[_KnownKey] = []
-    for path in (user_known_hosts(), known_hosts):
+    for path in files:
         if path is None or not path.exists():
             continue
         try:
@@ -435,7 +406,7 @@ def _key_types(keys: list[paramiko.PKey]) -> set[str]:
     return names | ({"rsa-sha2-512", "rsa-sha2-256"} if "ssh-rsa" in names else set())
 
 
-def _negotiate(transport: paramiko.Transport, dest: Destination, known: list[paramiko.PKey],
+def _negotiate(transport: paramiko.Transport, dest: Hop, known: list[paramiko.PKey],
                timeout: float) -> None:
     options = transport.get_security_options()
     options.ciphers = tuple(c for c in CIPHERS if c in options.ciphers)
@@ -457,7 +428,7 @@ def _fingerprint(key: paramiko.PKey) -> str:
     return f"{key.get_name()} SHA256:{digest}"
 
 
-def _check_host_key(key: paramiko.PKey, dest: Destination, known_hosts: _KnownHosts, path: Path | None,
+def _check_host_key(key: paramiko.PKey, dest: Hop, known_hosts: _KnownHosts, record_in: Path,
                     accept_new: bool) -> None:
     name = dest.known_hosts_name
     revoked = next((k for k in known_hosts.revoked if k.key == key), None)
@@ -480,7 +451,7 @@ def _check_host_key(key: paramiko.PKey, dest: Destination, known_hosts: _KnownHo
     if not accept_new:
         raise HostKeyError(f"host key of {name} is unknown ({_fingerprint(key)})",
                            hint="add it to known_hosts or pass --accept-new-host-key")
-    _append_known_host(path or user_known_hosts(), f"{name} {key.get_name()} {key.get_base64()}\n")
+    _append_known_host(record_in, f"{name} {key.get_name()} {key.get_base64()}\n")
 
 
 def _append_known_host(path: Path, line: str) -> None:
@@ -489,59 +460,67 @@ def _append_known_host(path: Path, line: str) -> None:
     created = not path.exists()
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            st = os.fstat(fd)
+            data = line.encode()
+            if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+                data = b"\n" + data  # a last line without its newline must not run into ours
+            while data:
+                data = data[os.write(fd, data):]
+            if stat.S_ISREG(st.st_mode):  # UserKnownHostsFile /dev/null: nothing to keep, nor to fsync
+                os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as err:
         raise HostKeyError(f"cannot record the host key in {path}: {err.strerror or err}",
-                           hint="check its permissions, or add the key with ssh-keyscan") from None
-    try:
-        size = os.fstat(fd).st_size
-        data = line.encode()
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data  # a last line without its newline must not run into ours
-        while data:
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+                           hint="check its permissions and free space, or add the key with ssh-keyscan") from None
     if created:
         fsync_dir(path.resolve().parent)
 
 
-def _authenticate(transport: paramiko.Transport, dest: Destination, user: str, identity: Path | None) -> None:
-    """--identity alone if given; else the ssh-agent's keys, then the default key files."""
+def _authenticate(transport: paramiko.Transport, dest: Hop, identity: Path | None) -> None:
+    """`identity` alone if given; else the hop's IdentityFile keys, then (unless IdentitiesOnly) the
+    ssh-agent's keys, then the default key files if no IdentityFile was given."""
     if identity is not None:
-        _try_keys(transport, dest, user, [(str(identity), _load_key(identity))])
+        _try_keys(transport, dest, [(str(identity), _load_key(identity))])
         return
+    candidates = []
+    for path in dest.identities:
+        try:
+            candidates.append((str(path), _load_key(path)))
+        except AuthError as err:  # missing or encrypted: ssh passes over it too (the agent may hold it)
+            log.debug("IdentityFile %s passed over: %s", path, err)
     agent: paramiko.Agent | None = None
     try:
-        agent = paramiko.Agent()  # without SSH_AUTH_SOCK it simply has no keys
-        candidates = [(f"agent key {_fingerprint(k)}", k) for k in agent.get_keys()]
-    except (paramiko.SSHException, OSError, EOFError) as err:
-        log.warning("ssh-agent at %s does not answer (%s); trying the key files only",
-                    os.environ.get("SSH_AUTH_SOCK"), err or type(err).__name__)
-        candidates = []
-    try:
-        home = Path("~/.ssh").expanduser()
-        for name in DEFAULT_KEYS:
-            path = home / name
-            if path.exists():
-                try:
-                    candidates.append((str(path), _load_key(path)))
-                except AuthError:
-                    continue  # an encrypted default key: the agent is the way to use it
-        _try_keys(transport, dest, user, candidates)
+        if not dest.identities_only:
+            try:
+                agent = paramiko.Agent()  # without SSH_AUTH_SOCK it simply has no keys
+                candidates += [(f"agent key {_fingerprint(k)}", k) for k in agent.get_keys()]
+            except (paramiko.SSHException, OSError, EOFError) as err:
+                log.warning("ssh-agent at %s does not answer (%s); trying the key files only",
+                            os.environ.get("SSH_AUTH_SOCK"), err or type(err).__name__)
+        if not dest.identities:
+            home = Path("~/.ssh").expanduser()
+            for path in (home / name for name in DEFAULT_KEYS):
+                if path.exists():
+                    try:
+                        candidates.append((str(path), _load_key(path)))
+                    except AuthError:
+                        continue  # an encrypted default key: the agent is the way to use it
+        _try_keys(transport, dest, candidates)
     finally:
         if agent is not None:
             agent.close()
 
 
-def _try_keys(transport: paramiko.Transport, dest: Destination, user: str,
-              candidates: list[tuple[str, paramiko.PKey]]) -> None:
+def _try_keys(transport: paramiko.Transport, dest: Hop, candidates: list[tuple[str, paramiko.PKey]]) -> None:
     if not candidates:
         raise AuthError(f"no key to log in to {dest.host} with",
-                        hint="pass --identity KEY, or load a key into ssh-agent")
+                        hint="pass --identity KEY, name one with IdentityFile in ~/.ssh/config, or load one "
+                             "into ssh-agent")
     for _, key in candidates:
         try:
-            transport.auth_publickey(user, key)
+            transport.auth_publickey(dest.user, key)
         except paramiko.AuthenticationException:
             continue
         except (paramiko.SSHException, OSError) as err:
@@ -550,8 +529,8 @@ def _try_keys(transport: paramiko.Transport, dest: Destination, user: str,
         if transport.is_authenticated():
             return
     tried = ", ".join(label for label, _ in candidates)
-    raise AuthError(f"{dest.host} refused the key for {user} (tried {tried})",
-                    hint=f"authorize the key in {user}'s authorized_keys there, or pass --identity KEY")
+    raise AuthError(f"{dest.host} refused the key for {dest.user} (tried {tried})",
+                    hint=f"authorize the key in {dest.user}'s authorized_keys there, or pass --identity KEY")
 
 
 def _load_key(path: Path) -> paramiko.PKey:

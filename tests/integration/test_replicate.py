@@ -127,6 +127,24 @@ def test_verify_names_the_snapshot_and_disk_that_differ(make_vm, second_host, sr
                                      " replicate those snapshots again, or investigate the destination's storage")
 
 
+def test_an_ssh_config_alias_through_a_jump_host(make_vm, second_host, src_state, dst_state, run_vmrepl, work_dir):
+    """`--to backup`, an alias of the admin's ssh config that goes through a jump host (here the second
+    host itself): replicate, verify and status work by that name."""
+    vm = make_vm(start=False)
+    vm.write_pattern("vda", 3 * MiB, MiB, 0x5a)
+    snap = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
+    config = work_dir / "ssh_config"
+    config.write_text(second_host.ssh_config("backup", ProxyJump="bastion") + second_host.ssh_config("bastion"))
+    over = ["--to", "backup", "--ssh-config", str(config),
+            "--remote-command", f"vmrepl receive --state-dir {dst_state}"]
+    result = json.loads(run_vmrepl("replicate", vm.name, "--json", *over, state_dir=src_state).stdout)
+    assert [r["id"] for r in result] == [snap["id"]]
+    assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
+    run_vmrepl("verify", vm.name, *over, state_dir=src_state)
+    (status,) = json.loads(run_vmrepl("status", "--json", state_dir=src_state).stdout)["vms"]
+    assert [(t["host"], t["anchor"]) for t in status["targets"]] == [("backup", snap["id"])]
+
+
 @pytest.mark.parametrize("bad", ["root@", "root@host:notaport", "[::1"])
 def test_bad_destination_is_a_usage_error(make_vm, src_state, run_vmrepl, bad):
     vm = make_vm(start=False)

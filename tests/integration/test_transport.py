@@ -16,7 +16,6 @@ import pytest
 from testbed.host import SecondHost
 from vmrepl import transport, wire
 from vmrepl.errors import AuthError, HostKeyError, TransportError, UsageError
-from vmrepl.transport import Destination, parse_destination
 
 VM = "6a1c1a55-2f7e-4c1b-9d7e-0f1e2d3c4b5a"
 
@@ -45,28 +44,6 @@ def open_to(host: SecondHost, command: str, **kwargs) -> transport.Connection:
 def keygen(path: Path) -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return path
-
-
-# --- destinations (pure) ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, expected", [
-    ("backup1", Destination("backup1")),
-    ("root@10.213.0.2", Destination("10.213.0.2", 22, "root")),
-    ("repl@host.example.org:2222", Destination("host.example.org", 2222, "repl")),
-    ("[fd00::2]:2200", Destination("fd00::2", 2200)),
-    ("root@[fd00::2]", Destination("fd00::2", 22, "root")),
-    ("fd00::2", Destination("fd00::2")),
-])
-def test_parse_destination(text: str, expected: Destination) -> None:
-    assert parse_destination(text) == expected
-    assert parse_destination(str(expected)) == expected
-
-
-@pytest.mark.parametrize("text", ["", "root@", "@host", "host:", "host:0", "host:70000", "host:ssh", "[fd00::2",
-                                  "[nothost]:22", "fd00::2:22x", "-oProxyCommand=x", "a b", "ro ot@host"])
-def test_parse_destination_refuses(text: str) -> None:
-    with pytest.raises(UsageError, match="invalid destination.*write \\[USER@\\]HOST\\[:PORT\\]"):
-        parse_destination(text)
 
 
 # --- against sshd -------------------------------------------------------------------------------
@@ -247,3 +224,49 @@ def test_bad_rates_are_usage_errors(text: str) -> None:
     from vmrepl.cli.common import parse_rate
     with pytest.raises(UsageError, match=f"invalid rate {text!r}"):
         parse_rate(text)
+
+
+
+# --- through an ssh client config (destination.py) ----------------------------------------------
+
+def run_remote(alias: str, command: str, config_text: str, tmp_path: Path) -> str:
+    """`command`'s output on the host that `alias` names in an ssh config holding `config_text`."""
+    config = tmp_path / "ssh_config"
+    config.write_text(config_text)
+    with transport.connect(alias, remote_command=command, ssh_config=str(config)) as conn:
+        out = conn.reader.read().decode()
+        assert conn.exit_status(5) == 0
+    return out
+
+
+def test_an_alias_logs_in_with_its_configured_key_and_known_hosts(host: SecondHost, tmp_path: Path) -> None:
+    key = host.new_identity("alias-only", command='echo "alias-key:$SSH_ORIGINAL_COMMAND"')
+    assert run_remote("backup", "hostname", host.ssh_config("backup", identity=key), tmp_path) == "alias-key:hostname\n"
+
+
+def test_known_hosts_and_accept_new_from_the_config(host: SecondHost, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts.cfg"
+    with pytest.raises(HostKeyError, match=r"host key of 10\.213\.0\.2 is unknown"):
+        run_remote("backup", "true", host.ssh_config("backup", known_hosts=known), tmp_path)
+    assert not known.exists()
+    config = host.ssh_config("backup", known_hosts=known, StrictHostKeyChecking="accept-new")
+    assert run_remote("backup", "echo in", config, tmp_path) == "in\n"
+    assert known.read_text().split()[:2] == [host.address, "ssh-ed25519"]  # recorded in UserKnownHostsFile
+    assert run_remote("backup", "echo again", host.ssh_config("backup", known_hosts=known), tmp_path) == "again\n"
+    # the "never check" idiom: every key is new, and is recorded nowhere
+    config = host.ssh_config("backup", known_hosts=Path("/dev/null"), StrictHostKeyChecking="no")
+    assert run_remote("backup", "echo unchecked", config, tmp_path) == "unchecked\n"
+
+
+def test_a_jump_host_tunnels_the_session(host: SecondHost, tmp_path: Path) -> None:
+    """ProxyJump through the second host to itself: its sshd then sees the session come from its own
+    address instead of the source's."""
+    direct = host.ssh_config("direct")
+    jumped = host.ssh_config("backup", ProxyJump="bastion") + host.ssh_config("bastion")
+    assert run_remote("direct", "echo $SSH_CONNECTION", direct, tmp_path).split()[0] == host.source_address
+    assert run_remote("backup", "echo $SSH_CONNECTION", jumped, tmp_path).split()[0] == host.address
+
+    unreachable = host.ssh_config("backup", ProxyJump="bastion", Port="1") + host.ssh_config("bastion")
+    with pytest.raises(TransportError, match=r"^jump host 10\.213\.0\.2 cannot reach 10\.213\.0\.2 port 1: ") as info:
+        run_remote("backup", "true", unreachable, tmp_path)
+    assert "\n" not in str(info.value)

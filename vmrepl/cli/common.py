@@ -135,21 +135,24 @@ def connection_options(f: Callable) -> Callable:
         click.option("--to", "destination", required=True, metavar="[USER@]HOST[:PORT]", help="The destination."),
         click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="SSH private key."),
         click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path),
-                     help="known_hosts file (besides ~/.ssh/known_hosts)."),
+                     help="known_hosts file (besides ~/.ssh/known_hosts or UserKnownHostsFile)."),
         click.option("--accept-new-host-key", is_flag=True, help="Trust and record an unknown host key."),
         click.option("--remote-command", default="vmrepl receive", show_default=True,
                      help="What runs on the destination (e.g. a venv path, with --state-dir)."),
         click.option("--bwlimit", metavar="RATE", help="Limit the send rate, bytes/s (K, M, G suffixes)."),
+        click.option("--ssh-config", metavar="FILE",
+                     help="ssh client config to look HOST up in (default ~/.ssh/config; 'none': none)."),
     ]
 
     @functools.wraps(f)
     def wrapper(*args: Any, destination: str, identity: Path | None, known_hosts: Path | None,
-                accept_new_host_key: bool, remote_command: str, bwlimit: str | None, **kwargs: Any) -> Any:
+                accept_new_host_key: bool, remote_command: str, bwlimit: str | None, ssh_config: str | None,
+                **kwargs: Any) -> Any:
         from ..transport import ConnectOptions
 
         return f(*args, ssh=ConnectOptions(destination=destination, identity=identity, known_hosts=known_hosts,
                                            accept_new_host_key=accept_new_host_key, remote_command=remote_command,
-                                           bwlimit=parse_rate(bwlimit)), **kwargs)
+                                           bwlimit=parse_rate(bwlimit), ssh_config=ssh_config), **kwargs)
 
     for option in reversed(options):
         wrapper = option(wrapper)

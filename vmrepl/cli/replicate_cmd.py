@@ -24,8 +24,9 @@ from .common import Env, catalog_vm, connection_options, format_table, global_op
 def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, latest_first: bool,  # type: ignore[no-untyped-def]
               dry_run: bool) -> None:
     """Send VM's snapshots that the destination lacks, each as a delta on the youngest shared one."""
+    from ..destination import parse_destination
     from ..state import vm_lock
-    from ..transport import Opening, parse_destination
+    from ..transport import Opening
 
     if snapshot_ref and send_all:
         raise UsageError("--snapshot and --all exclude each other")

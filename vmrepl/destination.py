@@ -1,0 +1,186 @@
+"""Where `--to` leads: `[USER@]HOST[:PORT]`, looked up in the OpenSSH client configuration as ssh does.
+
+HOST may be an alias of ~/.ssh/config (or of `--ssh-config FILE`, as `ssh -F`; `none` reads none), so
+that an admin's host names, users, ports, keys, known_hosts files and jump hosts apply to vmrepl as they
+do to ssh, rsync or syncoid. The options read are listed in `Hop`; the others are ignored, as is the
+system-wide /etc/ssh/ssh_config. What --to spells out (user, port) wins over the file, as on ssh's
+command line; each ProxyJump hop is looked up in the same file, its own jumps included.
+"""
+
+from __future__ import annotations
+
+import getpass
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+DEFAULT_SSH_CONFIG = "~/.ssh/config"
+MAX_HOPS = 8  # a jump host that (through others) names itself is a loop, not a route
+_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    port: int = 22
+    user: str | None = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user else ""
+        return f"{user}{host}" + (f":{self.port}" if self.port != 22 else "")
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One ssh login on the way to the destination, with what the configuration says of it."""
+
+    host: str                    # HostName (the alias resolved), what is connected to
+    port: int                    # Port
+    user: str                    # User, else the local user
+    identities: tuple[Path, ...] = ()   # IdentityFile, in order
+    identities_only: bool = False       # IdentitiesOnly: no agent or default keys besides them
+    known_hosts: tuple[Path, ...] = ()  # UserKnownHostsFile: instead of ~/.ssh/known_hosts
+    host_key_alias: str | None = None   # HostKeyAlias: the name the host key is filed under
+    accept_new_host_key: bool = False   # StrictHostKeyChecking accept-new (or no)
+    connect_timeout: float | None = None  # ConnectTimeout
+
+    @property
+    def known_hosts_name(self) -> str:
+        """How OpenSSH names the host in known_hosts."""
+        name = self.host_key_alias or self.host
+        return name if self.port == 22 else f"[{name}]:{self.port}"
+
+
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def parse_destination(text: str) -> Destination:
+    """`[USER@]HOST[:PORT]`, HOST a name, an IPv4 address or `[IPV6]` (bare IPv6 without a port)."""
+    host, port, user = _split(text)
+    return Destination(host=host, port=22 if port is None else port, user=user)
+
+
+def _split(text: str) -> tuple[str, int | None, str | None]:
+    """(host, port or None if not given, user or None)."""
+    def bad(why: str) -> UsageError:
+        return UsageError(f"invalid destination {text!r}: {why}",
+                          hint="write [USER@]HOST[:PORT], e.g. root@backup1:2222 or root@[fd00::2]:22")
+    user = None
+    rest = text
+    if "@" in rest:
+        user, rest = rest.rsplit("@", 1)
+        if not _USER.fullmatch(user):
+            raise bad(f"bad user name {user!r}")
+    port_text = None
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep or (tail and not tail.startswith(":")):
+            raise bad("unbalanced brackets")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad(f"{host!r} is not an IPv6 address") from None
+        port_text = tail[1:] if tail else None
+    elif rest.count(":") > 1:
+        try:
+            host = str(ipaddress.IPv6Address(rest))
+        except ValueError:
+            raise bad("an IPv6 address with a port must be in brackets") from None
+    else:
+        host, _, port_text = rest.partition(":")
+        port_text = port_text if ":" in rest else None
+        if not _HOSTNAME.fullmatch(host):
+            raise bad(f"bad host name {host!r}")
+    if port_text is None:
+        return host, None, user
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise bad(f"bad port {port_text!r}")
+    return host, int(port_text), user
+
+
+def route(destination: str, ssh_config: str | None = None) -> list[Hop]:
+    """The logins that reach `destination`: its ProxyJump hosts in order, then itself. `ssh_config` is
+    the file to read (default ~/.ssh/config if it exists; `none`: no file)."""
+    return _route(destination, _load(ssh_config), depth=0)
+
+
+def _route(text: str, config: _Config | None, depth: int) -> list[Hop]:
+    host, port, user = _split(text)
+    options = config.lookup(host) if config else {}
+    if port is None:
+        port = config.number(options, "port", host, 65535) if config and "port" in options else 22
+    hop = Hop(
+        host=options.get("hostname", host),
+        port=port,
+        user=user or options.get("user") or getpass.getuser(),
+        identities=tuple(Path(p).expanduser() for p in options.get("identityfile", [])),
+        identities_only=options.get("identitiesonly", "").lower() in ("yes", "true"),
+        known_hosts=tuple(Path(p).expanduser() for p in options.get("userknownhostsfile", "").split()),
+        host_key_alias=options.get("hostkeyalias"),
+        accept_new_host_key=options.get("stricthostkeychecking", "").lower() in ("accept-new", "no", "off"),
+        connect_timeout=config.number(options, "connecttimeout", host, 3600)
+        if config and "connecttimeout" in options else None,
+    )
+    jumps = options.get("proxyjump", "none")
+    if "proxycommand" in options and options["proxycommand"] is not None and jumps == "none":
+        assert config is not None
+        raise UsageError(f"{config.path} gives {host} a ProxyCommand, which vmrepl does not run",
+                         hint="reach it with ProxyJump instead (vmrepl tunnels through jump hosts itself)")
+    if jumps.lower() == "none":
+        return [hop]
+    if depth >= MAX_HOPS:
+        assert config is not None
+        raise UsageError(f"{config.path}: the jump hosts of {host} lead more than {MAX_HOPS} hops deep",
+                         hint="check its ProxyJump lines for a loop")
+    hops = [h for jump in jumps.split(",") for h in _route(jump.strip().removeprefix("ssh://"), config, depth + 1)]
+    return [*hops, hop]
+
+
+class _Config:
+    """A parsed ssh_config file; `lookup` gives a host's options (lowercase keys, first value wins)."""
+
+    def __init__(self, path: Path) -> None:
+        import paramiko  # transport imports it anyway, with `invoke` kept out
+
+        self.path = path
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read ssh config {path}: {getattr(err, 'strerror', None) or err}",
+                             hint="check its permissions, or pass --ssh-config none") from None
+        if _MATCH_EXEC.search(text):  # paramiko would run it (through `invoke`, if installed)
+            raise UsageError(f"ssh config {path} has a `Match exec` line, which vmrepl does not run",
+                             hint="use Host blocks, or give vmrepl a file of its own with --ssh-config")
+        try:
+            self._config = paramiko.SSHConfig.from_text(text)
+        except paramiko.SSHException as err:  # ConfigParseError: a line it cannot read
+            raise UsageError(f"cannot parse ssh config {path}: {err}", hint="fix that line") from None
+
+    def lookup(self, host: str) -> dict:
+        import paramiko
+
+        try:
+            return dict(self._config.lookup(host))
+        except paramiko.SSHException as err:  # a bad Match line; CanonicalizeHostname that found nothing
+            raise UsageError(f"cannot use ssh config {self.path} for {host}: {err}", hint="fix the file") from None
+
+    def number(self, options: dict, key: str, host: str, high: int) -> int:
+        text = options[key]
+        if not text.isdigit() or not 0 < int(text) <= high:
+            raise UsageError(f"ssh config {self.path} gives {host} a bad {key} {text!r}",
+                             hint=f"give a number from 1 to {high}")
+        return int(text)
+
+
+def _load(ssh_config: str | None) -> _Config | None:
+    if ssh_config is not None and ssh_config.lower() == "none":
+        return None
+    path = Path(ssh_config or DEFAULT_SSH_CONFIG).expanduser()
+    if ssh_config is None and not path.exists():
+        return None
+    return _Config(path)
