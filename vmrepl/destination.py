@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
+import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 MAX_HOPS = 8  # a jump host that (through others) names itself is a loop, not a route
-_MATCH_EXEC = re.compile(r"^\s*match\b.*\bexec\b", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,9 @@ class Hop:
     @property
     def known_hosts_name(self) -> str:
         """How OpenSSH names the host in known_hosts."""
-        name = self.host_key_alias or self.host
-        return name if self.port == 22 else f"[{name}]:{self.port}"
+        if self.host_key_alias:  # as ssh: the alias alone, without the port
+            return self.host_key_alias.lower()
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -98,7 +101,7 @@ def _split(text: str) -> tuple[str, int | None, str | None]:
             raise bad(f"bad host name {host!r}")
     if port_text is None:
         return host, None, user
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or not 0 < int(port_text) < 65536:
         raise bad(f"bad port {port_text!r}")
     return host, int(port_text), user
 
@@ -109,25 +112,38 @@ def route(destination: str, ssh_config: str | None = None) -> list[Hop]:
     return _route(destination, _load(ssh_config), depth=0)
 
 
-def _route(text: str, config: _Config | None, depth: int) -> list[Hop]:
+def _route(text: str, config: _Config | None, depth: int, direct: bool = False) -> list[Hop]:
+    """`direct`: a later host of a ProxyJump list, reached through the one before it (as `ssh -J`),
+    so its own ProxyJump/ProxyCommand do not apply."""
     host, port, user = _split(text)
     options = config.lookup(host) if config else {}
     if port is None:
         port = config.number(options, "port", host, 65535) if config and "port" in options else 22
+    hostname = options.get("hostname", host)
+    user = user or options.get("user") or getpass.getuser()
+    alias = options.get("hostkeyalias")
+    tokens = {"%%": "%", "%d": str(Path.home()), "%h": hostname, "%p": str(port), "%r": user,
+              "%u": getpass.getuser(), "%n": host, "%k": alias or host}
+    files = options.get("userknownhostsfile", "").split()
     hop = Hop(
-        host=options.get("hostname", host),
+        host=hostname,
         port=port,
-        user=user or options.get("user") or getpass.getuser(),
+        user=user,
         identities=tuple(Path(p).expanduser() for p in options.get("identityfile", [])),
         identities_only=options.get("identitiesonly", "").lower() in ("yes", "true"),
-        known_hosts=tuple(Path(p).expanduser() for p in options.get("userknownhostsfile", "").split()),
-        host_key_alias=options.get("hostkeyalias"),
+        known_hosts=(Path(os.devnull),) if [f.lower() for f in files] == ["none"] else tuple(
+            Path(re.sub(r"%.", lambda m: tokens.get(m[0], m[0]), f)).expanduser() for f in files),
+        host_key_alias=alias,
         accept_new_host_key=options.get("stricthostkeychecking", "").lower() in ("accept-new", "no", "off"),
-        connect_timeout=config.number(options, "connecttimeout", host, 3600)
-        if config and "connecttimeout" in options else None,
+        connect_timeout=config.seconds(options, "connecttimeout", host) if config and "connecttimeout" in options
+        else None,
     )
+    if direct:
+        return [hop]
     jumps = options.get("proxyjump", "none")
-    if "proxycommand" in options and options["proxycommand"] is not None and jumps == "none":
+    order = list(options)  # paramiko keeps the order values were obtained in: the first of the two wins
+    if options.get("proxycommand") is not None and (
+            jumps.lower() == "none" or order.index("proxycommand") < order.index("proxyjump")):
         assert config is not None
         raise UsageError(f"{config.path} gives {host} a ProxyCommand, which vmrepl does not run",
                          hint="reach it with ProxyJump instead (vmrepl tunnels through jump hosts itself)")
@@ -137,7 +153,9 @@ def _route(text: str, config: _Config | None, depth: int) -> list[Hop]:
         assert config is not None
         raise UsageError(f"{config.path}: the jump hosts of {host} lead more than {MAX_HOPS} hops deep",
                          hint="check its ProxyJump lines for a loop")
-    hops = [h for jump in jumps.split(",") for h in _route(jump.strip().removeprefix("ssh://"), config, depth + 1)]
+    first, *rest = (jump.strip().removeprefix("ssh://") for jump in jumps.split(","))
+    # as ssh: `ProxyJump a,b` is `ssh -J a b`, so only a's own jumps are followed
+    hops = _route(first, config, depth + 1) + [_route(j, config, depth + 1, direct=True)[0] for j in rest]
     return [*hops, hop]
 
 
@@ -153,15 +171,13 @@ class _Config:
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"cannot read ssh config {path}: {getattr(err, 'strerror', None) or err}",
                              hint="check its permissions, or pass --ssh-config none") from None
-        if _MATCH_EXEC.search(text):  # paramiko would run it (through `invoke`, if installed)
-            raise UsageError(f"ssh config {path} has a `Match exec` line, which vmrepl does not run",
-                             hint="use Host blocks, or give vmrepl a file of its own with --ssh-config")
         try:
             self._config = paramiko.SSHConfig.from_text(text)
         except paramiko.SSHException as err:  # ConfigParseError: a line it cannot read
             raise UsageError(f"cannot parse ssh config {path}: {err}", hint="fix that line") from None
+        _refuse_what_vmrepl_does_not_follow(path, text)
 
-    def lookup(self, host: str) -> dict:
+    def lookup(self, host: str) -> dict[str, Any]:
         import paramiko
 
         try:
@@ -169,12 +185,51 @@ class _Config:
         except paramiko.SSHException as err:  # a bad Match line; CanonicalizeHostname that found nothing
             raise UsageError(f"cannot use ssh config {self.path} for {host}: {err}", hint="fix the file") from None
 
-    def number(self, options: dict, key: str, host: str, high: int) -> int:
+    def seconds(self, options: dict[str, Any], key: str, host: str) -> float | None:
+        """A time as ssh reads it: `30`, `1m`, `1h30m`; `none`: the default."""
+        text = options[key].lower()
+        if text == "none":
+            return None
+        parts = re.findall(r"([0-9]+)([smhdw]?)", text)
+        if "".join(a + b for a, b in parts) != text or not parts:
+            raise UsageError(f"ssh config {self.path} gives {host} a bad {key} {options[key]!r}",
+                             hint="give a time such as 30, 30s or 2m")
+        value = sum(int(n) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[u] for n, u in parts)
+        return value or None
+
+    def number(self, options: dict[str, Any], key: str, host: str, high: int) -> int:
         text = options[key]
-        if not text.isdigit() or not 0 < int(text) <= high:
+        if not re.fullmatch(r"[0-9]{1,9}", text) or not 0 < int(text) <= high:
             raise UsageError(f"ssh config {self.path} gives {host} a bad {key} {text!r}",
                              hint=f"give a number from 1 to {high}")
         return int(text)
+
+
+_DIRECTIVE = re.compile(r"(\w+)(?:\s*=\s*|\s+)(.+)")  # a line as paramiko splits it
+_CRITERIA_WITHOUT_ARGUMENT = {"all", "canonical", "final"}
+
+
+def _refuse_what_vmrepl_does_not_follow(path: Path, text: str) -> None:
+    """`Match exec` (paramiko would run it) and `Include` (paramiko skips it without a word).
+    Match criteria are read as paramiko reads them (shell words), so quoting cannot hide an exec."""
+    for line in text.splitlines():
+        directive = _DIRECTIVE.match(line.strip())
+        if directive is None:
+            continue
+        keyword = directive[1].lower()
+        if keyword == "include":
+            raise UsageError(f"ssh config {path} has an `Include` line, which vmrepl does not follow",
+                             hint="give vmrepl a file without Include lines with --ssh-config")
+        if keyword != "match":
+            continue
+        words = shlex.split(directive[2])  # parsed by paramiko already: balanced
+        while words:
+            criterion = words.pop(0).lower().removeprefix("!")
+            if criterion == "exec":
+                raise UsageError(f"ssh config {path} has a `Match exec` line, which vmrepl does not run",
+                                 hint="use Host blocks, or give vmrepl a file of its own with --ssh-config")
+            if criterion not in _CRITERIA_WITHOUT_ARGUMENT and words:
+                words.pop(0)
 
 
 def _load(ssh_config: str | None) -> _Config | None:

@@ -4,8 +4,9 @@
 wire.FrameReader / wire.FrameWriter. It logs in to each hop that destination.py finds in the ssh
 client config (jump hosts first, each tunnelled through the one before). Host keys are checked
 strictly (~/.ssh/known_hosts or UserKnownHostsFile, plus `--known-hosts`); an unknown key is refused
-unless the caller or the config accepts new keys, a changed key always is. The remote stderr is drained by a thread (so a chatty remote cannot stall the channel)
-and named in the error when the remote command fails. docs/SSH.md shows the authorized_keys line
+unless the caller or the config accepts new keys, a changed key always is. The remote stderr is
+drained by a thread (so a chatty remote cannot stall the channel) and named in the error when the
+remote command fails. docs/SSH.md shows the authorized_keys line
 that pins the receiver.
 """
 
@@ -23,6 +24,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,9 +258,9 @@ def connect(destination: str, *, identity: Path | None = None, known_hosts: Path
     hops = route(destination, ssh_config)
     transports: list[paramiko.Transport] = []
     try:
-        for hop in hops:
+        for i, hop in enumerate(hops):
             hop_timeout = hop.connect_timeout or timeout
-            sock = _tunnel(transports[-1], hop, hop_timeout) if transports else _open_socket(hop, hop_timeout)
+            sock = _tunnel(transports[-1], hops[i - 1], hop, hop_timeout) if i else _open_socket(hop, hop_timeout)
             transports.append(paramiko.Transport(sock))
             _login(transports[-1], hop, identity if hop is hops[-1] else None, known_hosts,
                    accept_new_host_key or hop.accept_new_host_key, hop_timeout)
@@ -309,9 +311,9 @@ def _open_socket(dest: Hop, timeout: float) -> socket.socket:
     return sock
 
 
-def _tunnel(jump: paramiko.Transport, dest: Hop, timeout: float) -> paramiko.Channel:
+def _tunnel(jump: paramiko.Transport, jump_hop: Hop, dest: Hop, timeout: float) -> paramiko.Channel:
     """A direct-tcpip channel from the jump host `jump` to `dest` (ssh's ProxyJump, `ssh -W`)."""
-    via = jump.getpeername()[0]
+    via = jump_hop.host  # not jump.getpeername(): behind a first jump that is the first jump's address
     try:
         return jump.open_channel("direct-tcpip", (dest.host, dest.port), ("127.0.0.1", 0), timeout=timeout)
     except paramiko.ChannelException as err:
@@ -484,12 +486,7 @@ def _authenticate(transport: paramiko.Transport, dest: Hop, identity: Path | Non
     if identity is not None:
         _try_keys(transport, dest, [(str(identity), _load_key(identity))])
         return
-    candidates = []
-    for path in dest.identities:
-        try:
-            candidates.append((str(path), _load_key(path)))
-        except AuthError as err:  # missing or encrypted: ssh passes over it too (the agent may hold it)
-            log.debug("IdentityFile %s passed over: %s", path, err)
+    candidates = _loadable_keys(dest.identities)
     agent: paramiko.Agent | None = None
     try:
         if not dest.identities_only:
@@ -501,12 +498,7 @@ def _authenticate(transport: paramiko.Transport, dest: Hop, identity: Path | Non
                             os.environ.get("SSH_AUTH_SOCK"), err or type(err).__name__)
         if not dest.identities:
             home = Path("~/.ssh").expanduser()
-            for path in (home / name for name in DEFAULT_KEYS):
-                if path.exists():
-                    try:
-                        candidates.append((str(path), _load_key(path)))
-                    except AuthError:
-                        continue  # an encrypted default key: the agent is the way to use it
+            candidates += _loadable_keys(p for p in (home / name for name in DEFAULT_KEYS) if p.exists())
         _try_keys(transport, dest, candidates)
     finally:
         if agent is not None:
@@ -531,6 +523,18 @@ def _try_keys(transport: paramiko.Transport, dest: Hop, candidates: list[tuple[s
     tried = ", ".join(label for label, _ in candidates)
     raise AuthError(f"{dest.host} refused the key for {dest.user} (tried {tried})",
                     hint=f"authorize the key in {dest.user}'s authorized_keys there, or pass --identity KEY")
+
+
+def _loadable_keys(paths: Iterable[Path]) -> list[tuple[str, paramiko.PKey]]:
+    """The keys of these files that load; a missing or encrypted one is passed over, as ssh does
+    (the agent may hold it)."""
+    keys = []
+    for path in paths:
+        try:
+            keys.append((str(path), _load_key(path)))
+        except AuthError as err:
+            log.debug("key file %s passed over: %s", path, err)
+    return keys
 
 
 def _load_key(path: Path) -> paramiko.PKey:

@@ -4,6 +4,7 @@ tests/integration/test_ssh_config.py logs in through such files)."""
 from __future__ import annotations
 
 import getpass
+import os
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ Host *
         identities=(tmp_path / ".ssh/repl_key", Path("/etc/vmrepl/second_key")), identities_only=True,
         known_hosts=(tmp_path / "kh1", Path("/etc/kh2")), host_key_alias="backup-host",
         accept_new_host_key=True, connect_timeout=7.0)]
-    assert route("backup", cfg)[0].known_hosts_name == "[backup-host]:2222"
+    assert route("backup", cfg)[0].known_hosts_name == "backup-host"  # as ssh: an alias names no port
     # what --to spells out wins; `Host *` fills in what no earlier block gave
     (hop,) = route("root@backup:22", cfg)
     assert (hop.host, hop.user, hop.port, hop.known_hosts_name) == ("10.0.0.5", "root", 22, "backup-host")
@@ -107,9 +108,11 @@ Host outer
     HostName 198.51.100.7
 """)
     hops = route("root@backup", cfg)
+    # as `ssh -J bastion,inner`: inner is reached through bastion, so inner's own ProxyJump does not apply
     assert [(h.host, h.port, h.user) for h in hops] == [
-        ("192.0.2.1", 22, "jumper"), ("198.51.100.7", 22, getpass.getuser()), ("10.0.1.1", 2022, "ops"),
-        ("10.0.1.5", 22, "root")]
+        ("192.0.2.1", 22, "jumper"), ("10.0.1.1", 2022, "ops"), ("10.0.1.5", 22, "root")]
+    # a first hop's own jumps are followed
+    assert [h.host for h in route("inner", cfg)] == ["198.51.100.7", "10.0.1.1"]
     assert hops[0].identities == (Path("/keys/bastion"),)
 
 
@@ -118,7 +121,11 @@ Host outer
     ("Host a\n    ProxyCommand nc %h %p\n", "gives a a ProxyCommand, which vmrepl does not run; reach it with ProxyJump"),
     ("Match exec \"true\"\n    User x\n", "has a `Match exec` line, which vmrepl does not run"),
     ("Host a\n    Port ssh\n", "gives a a bad port 'ssh'; give a number from 1 to 65535"),
-    ("Host a\n    ConnectTimeout 0\n", "gives a a bad connecttimeout '0'"),
+    ("Host a\n    ConnectTimeout soon\n", "gives a a bad connecttimeout 'soon'; give a time"),
+    ("Match e\\xec \"true\"\n    User x\n", "has a `Match exec` line"),  # shell quoting hides no exec
+    ("Match host b !exec \"true\"\n    User x\n", "has a `Match exec` line"),
+    ("Include other.conf\nHost a\n    User x\n", "has an `Include` line, which vmrepl does not follow"),
+    ("Host a\n    Port \u00b2\n", "gives a a bad port"),
     ("Host a\n  =oops\n", "cannot parse ssh config .*: Unparsable line"),
     ("Host a\n    ProxyJump b c\n", "invalid destination 'b c'"),
 ])
@@ -135,3 +142,25 @@ def test_proxy_command_none_is_no_proxy(config) -> None:
 def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=f"cannot read ssh config {tmp_path}/missing: No such file"):
         route("a", str(tmp_path / "missing"))
+
+
+def test_ssh_config_values_read_as_ssh_reads_them(config, tmp_path: Path) -> None:
+    cfg = config("""\
+Host plain
+    UserKnownHostsFile none
+    ConnectTimeout 1m30s
+Host tokens
+    HostName 10.0.0.9
+    Port 2022
+    UserKnownHostsFile ~/.ssh/kh_%h_%p %d/kh_%r
+Match host exec.example.org
+    User matched
+""")
+    (plain,) = route("plain", cfg)
+    assert plain.known_hosts == (Path(os.devnull),)  # `none`: no user file, not a file named ./none
+    assert plain.connect_timeout == 90
+    (tokens,) = route("repl@tokens", cfg)
+    assert tokens.known_hosts == (tmp_path / ".ssh/kh_10.0.0.9_2022", tmp_path / "kh_repl")
+    assert route("exec.example.org", cfg)[0].user == "matched"  # a host named exec... is no `Match exec`
+    with pytest.raises(UsageError, match="bad port"):
+        route("a:\u00b2")
