@@ -7,6 +7,7 @@ from its start, and `verify` passes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -121,6 +122,42 @@ def test_a_first_send_stopped_part_way_is_dropped_by_the_vms_name(dst_state: Pat
     assert done["dropped_partial"] == ["s1"] and files(dst_state / "vms" / VM_UUID) == {}
 
 
+def test_a_name_two_vms_share_is_not_guessed(dst_state: Path, run_vmrepl) -> None:
+    """The source defined the VM anew (a new uuid, the old name) and its first send stopped: `status`
+    names that transfer by uuid, and `prune NAME --drop-partial` refuses to pick one of the two."""
+    commit(dst_state, 1)
+    other = "6a1c0000-0000-4000-8000-000000000000"  # the same name, crafted-6a1c
+    first = dataclasses.replace(header(1), id="t1", name="t1")  # snapshot ids are unique across VMs
+    _, _, code = receive(dst_state, sender(first, data(1), complete=False, vm_uuid=other))
+    assert code == 1
+    (line,) = partial_lines(run_vmrepl, dst_state)
+    assert line.endswith(f"vmrepl prune {other} --drop-partial")
+    both = prune(run_vmrepl, dst_state, "crafted-6a1c", "--drop-partial", check=False)
+    assert both.returncode == 2 and both.stderr.splitlines() == [
+        f"vmrepl: 'crafted-6a1c' names more than one VM here: {other}, {VM_UUID}; "
+        "give the VM's uuid (vmrepl status --json shows it)"]
+    assert prune(run_vmrepl, dst_state, other, "--drop-partial", "--json").json()["dropped_partial"] == ["t1"]
+    assert files(dst_state / "vms" / other) == {} and partial_lines(run_vmrepl, dst_state) == []
+
+
+def test_dropping_a_partial_makes_its_layers_gone_before_its_progress_file(dst_state: Path, monkeypatch) -> None:
+    """A crash in between must not leave layer files that no progress file names (nothing would find
+    them again): their directories are fsynced before the progress file goes."""
+    from vmrepl.catalog import Catalog
+    from vmrepl.sink import store as store_module
+
+    stop_part_way(dst_state, 1)
+    events: list[tuple[str, str]] = []
+    unlink = Path.unlink
+    monkeypatch.setattr(store_module, "fsync_dir", lambda d: events.append(("fsync", Path(d).name)))
+    monkeypatch.setattr(Path, "unlink", lambda p, **kw: (events.append(("unlink", p.name)), unlink(p, **kw))[1])
+    with Catalog(dst_state) as catalog:
+        store_module.Store(dst_state, catalog).drop_partial(VM_UUID, "s1")
+    assert events.index(("fsync", "vda")) < events.index(("unlink", "s1.json"))
+    assert events.index(("fsync", "vdb")) < events.index(("unlink", "s1.json"))
+    assert events[-1] == ("fsync", "incoming")
+
+
 def test_drop_partial_with_keep_prunes_what_the_partial_kept(dst_state: Path, run_vmrepl) -> None:
     """A partial delta on s1 keeps s1 from the retention (its base, and its layers stand on s1's);
     `--drop-partial --keep` drops it first, so s1 goes; the dry run says so and changes nothing."""
@@ -190,6 +227,8 @@ def test_a_commit_that_stopped_before_removing_its_progress_file_is_not_partial(
     assert code != 0 and stale.exists()
     (vm,) = status(run_vmrepl, dst_state)
     assert (vm["snapshots"], vm["partial"]) == (2, [])
+    prune(run_vmrepl, dst_state, VM_UUID, "--keep", "last=1", "--dry-run")
+    assert stale.exists()  # a dry run changes nothing, not even a leftover it would tidy
     hello, _, _ = receive(dst_state, sender(None))
     assert hello.partial is None  # nothing to resume: s2 is held
     assert not stale.exists()  # and the leftover is gone, so it no longer keeps s1 as a base

@@ -186,10 +186,16 @@ def _drop_partial(env: Env, vm: str, dry_run: bool, outcome: Outcome) -> bool:
 def _partial_vm(catalog: Catalog, store: Store, vm: str) -> str:
     """The uuid of `vm`: a VM the catalog knows (by name or uuid), else one whose first full send stopped
     before its commit (no catalog row names it yet: its progress file has the name)."""
-    from ..errors import NotFoundError
+    from ..errors import NotFoundError, UsageError
 
-    uuid = catalog.vm_uuid(vm) or next(
-        (u for u in store.partial_vms() if vm in (u, *(t.vm_name for t in store.partial_transfers(u)))), None)
+    known = catalog.vm_uuid(vm)
+    if known == vm:
+        return known  # given as a uuid: no name can make it ambiguous
+    named = {u for u in store.partial_vms() if vm in (u, *(t.vm_name for t in store.partial_transfers(u)))}
+    if len(candidates := named | ({known} if known else set())) > 1:  # e.g. a VM defined anew under its old name
+        raise UsageError(f"{vm!r} names more than one VM here: {', '.join(sorted(candidates))}",
+                         hint="give the VM's uuid (vmrepl status --json shows it)")
+    uuid = known or next(iter(named), None)
     if uuid is None:
         raise NotFoundError(f"no VM {vm!r} in the catalog at {catalog.path.parent}, and no partial transfer of it",
                             hint="`vmrepl status` lists VMs and their partial transfers; check --state-dir")

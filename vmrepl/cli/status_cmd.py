@@ -82,10 +82,12 @@ def _uncatalogued(store: Store, catalogued: set[str]) -> list[dict]:
 def _partial_lines(vms: list[dict]) -> list[str]:
     """One line per partial transfer, below the table: its columns stay as they were for scripts."""
     lines = []
+    names = [vm["vm"] for vm in vms]
     for vm in vms:
+        ref = vm["vm"] if names.count(vm["vm"]) == 1 else vm["vm_uuid"]  # a name two VMs share: the uuid
         for p in vm["partial"]:
             since = local_time(p["since_ns"])
             lines.append(f"PARTIAL {vm['vm']}: snapshot {p['snapshot_id'][:8]} on base {(p['base_id'] or '-')[:8]}, "
                          f"{human_bytes(p['bytes'])}, last progress {since}; "
-                         f"resumed by the next replicate, or discard: vmrepl prune {vm['vm']} --drop-partial")
+                         f"resumed by the next replicate, or discard: vmrepl prune {ref} --drop-partial")
     return lines

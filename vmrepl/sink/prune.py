@@ -37,9 +37,10 @@ def plan(store: Store, vm_uuid: str, keep: set[str], *, without_partial: bool = 
     neither their base nor their layers keep anything."""
     snaps = store.held(vm_uuid)
     protected = {snaps[-1].id: "the newest snapshot: the next delta from the source is based on it"} if snaps else {}
-    partial = None if without_partial else store.partial(vm_uuid)
-    if partial is not None and partial.base_id:
-        protected.setdefault(partial.base_id, "the base of an interrupted transfer, which the next replicate resumes")
+    for partial in [] if without_partial else store.partial_transfers(vm_uuid):  # read-only, for --dry-run too
+        if partial.base_id:
+            protected.setdefault(partial.base_id, "the base of an interrupted transfer, which the next replicate "
+                                                  "resumes")
     recovered = store.vm_dir(vm_uuid) / "recovered"
     dropped = {layer for t in store.partial_transfers(vm_uuid)
                for layer in store.uncommitted_layers(vm_uuid, t.snapshot_id)} if without_partial else set()

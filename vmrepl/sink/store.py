@@ -152,9 +152,14 @@ class Store:
         """Forget an interrupted transfer: its layer files (`uncommitted_layers`), then its progress file.
         A crash in between leaves a progress file whose layers are gone: the next hello reports those
         disks at offset 0 (`_Session._durable`), so the transfer restarts."""
-        for layer in self.uncommitted_layers(vm_uuid, snapshot_id):
+        layers = self.uncommitted_layers(vm_uuid, snapshot_id)
+        for layer in layers:
             layer.unlink(missing_ok=True)
-        self._progress_path(vm_uuid, snapshot_id).unlink(missing_ok=True)
+        for directory in {layer.parent for layer in layers}:
+            fsync_dir(directory)  # gone for good before the file that names them: nothing left unnamed
+        progress = self._progress_path(vm_uuid, snapshot_id)
+        progress.unlink(missing_ok=True)
+        fsync_dir(progress.parent)
 
     # --- commit ----------------------------------------------------------------------------------
 
