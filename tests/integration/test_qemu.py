@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,16 @@ def test_a_daemon_that_dies_is_named_as_such(work_dir: Path) -> None:
         os.kill(d.pid, signal.SIGSEGV)
         with pytest.raises(QemuError, match=r"qemu-storage-daemon was killed by signal 11 \(SIGSEGV\) during blockdev-add"):
             d.add_image(work_dir / "small.qcow2", writable=True)
+
+
+def test_a_daemon_that_hangs_after_its_greeting_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu.qmp's connect has no timeout of its own: a daemon that stops answering mid-negotiation is
+    killed after the start timeout, and named in one line."""
+    monkeypatch.setattr("vmrepl.qemu.storage_daemon._START_TIMEOUT", 1.0)
+    with StorageDaemon() as d:
+        time.sleep(0.5)  # its greeting is on the socket
+        os.kill(d.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(QemuError, match=r"was killed by signal 9 \(SIGKILL\) during its start"):
+            d.qmp("query-version")
+        assert time.monotonic() - started < 5

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -105,12 +106,18 @@ class StorageDaemon:
                 raise QemuError("qemu-storage-daemon did not start in time", hint="check the machine's load")
             qmp = QEMUMonitorProtocol(self._qmp_end)
             self._qmp_end = None  # qemu.qmp owns it now, and closes it
+            # qemu.qmp's legacy connect() has no timeout: a daemon that hangs after its greeting is
+            # killed, which ends the negotiation with EOF and reports the signal.
+            watchdog = threading.Timer(_START_TIMEOUT, self._proc.kill)
+            watchdog.start()
             try:
                 qmp.connect()
             except (QMPError, OSError, AssertionError, EOFError) as err:
                 with contextlib.suppress(QMPError, OSError, EOFError, AssertionError):
                     qmp.close()
                 raise self._gone("its start (the QMP greeting)", err) from None
+            finally:
+                watchdog.cancel()
             qmp.settimeout(_QMP_TIMEOUT)
             self._qmp = qmp
         return self._qmp
@@ -161,7 +168,7 @@ class StorageDaemon:
         elif status is not None:
             how = f"exited with status {status}"
         else:
-            how = f"stopped answering ({err or type(err).__name__})"
+            how = f"stopped answering ({str(err) or type(err).__name__})"
         return QemuError(f"qemu-storage-daemon {how} during {command}", hint=f"its log: {self._log_tail()}")
 
     def add_image(self, path: str | os.PathLike[str], *, writable: bool = False,
