@@ -4,13 +4,16 @@ Each executable file in the directory runs in name order with the environment va
 VMREPL_PHASE (pre-snapshot | post-snapshot), VMREPL_VM, VMREPL_VM_UUID, VMREPL_SNAPSHOT (id),
 VMREPL_SNAPSHOT_NAME and, after the snapshot, VMREPL_RESULT (ok | failed). A pre-snapshot hook that
 exits non-zero aborts the snapshot; post-snapshot hooks always run, so a hook that froze an
-application in the pre phase can thaw it even when the snapshot failed.
+application in the pre phase can thaw it even when the snapshot failed. vmrepl waits for the hook's
+own process, not for children it leaves running; its stdout is discarded and the last line of its
+stderr names a failure.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .errors import HookError
@@ -27,14 +30,20 @@ def run_hooks(directory: Path, phase: str, env: dict[str, str]) -> None:
     if not directory.is_dir():
         return
     for hook in sorted(p for p in directory.iterdir() if p.is_file() and os.access(p, os.X_OK)):
-        try:
-            done = subprocess.run([str(hook), phase], env={**os.environ, **env, "VMREPL_PHASE": phase},
-                                  capture_output=True, text=True, timeout=HOOK_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            raise HookError(f"{phase} hook {hook} did not finish in {HOOK_TIMEOUT_SECONDS} s") from None
-        except OSError as err:
-            raise HookError(f"{phase} hook {hook} could not run: {err.strerror}") from err
+        # stderr into a file, not a pipe: a hook that leaves a child behind (e.g. a session holding a
+        # database's read lock until the post hook) would otherwise keep the pipe open until the timeout.
+        with tempfile.TemporaryFile("w+") as errors:
+            try:
+                done = subprocess.run([str(hook), phase], env={**os.environ, **env, "VMREPL_PHASE": phase},
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
+                                      text=True, timeout=HOOK_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                raise HookError(f"{phase} hook {hook} did not finish in {HOOK_TIMEOUT_SECONDS} s") from None
+            except OSError as err:
+                raise HookError(f"{phase} hook {hook} could not run: {err.strerror}") from err
+            errors.seek(0)
+            stderr = errors.read()
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            last = (stderr.strip().splitlines() or ["no message"])[-1]
             raise HookError(f"{phase} hook {hook.name} failed (exit {done.returncode}): {last}",
                             hint="fix the hook or remove it from the hooks directory")

@@ -75,3 +75,28 @@ def test_hook_reacts_to_start_and_shutdown_after_a_libvirtd_restart(work_dir, sr
             HOOK_ENV.write_bytes(saved)
         if conn is not None:
             conn.close()
+
+
+def test_a_broken_hook_env_never_stops_a_domain(work_dir, libvirt_conn):
+    """libvirtd refuses to start (prepare, start) or stops (started) a domain whose hook exits non-zero,
+    and the hook sits in qemu.d/, so it runs for every domain of the host: whatever /etc/vmrepl/hook.env
+    holds, the script exits 0."""
+    assert INSTALLED.read_bytes() == (ROOT / "hooks" / "qemu").read_bytes(), "run scripts/setup.sh"
+    saved = HOOK_ENV.read_bytes() if HOOK_ENV.exists() else None
+    HOOK_ENV.parent.mkdir(exist_ok=True)
+    HOOK_ENV.write_text("VMREPL_STATE_DIR=( not shell\n")
+    try:
+        for operation in ("prepare", "start", "started", "stopped", "release"):
+            done = subprocess.run([ROOT / "hooks" / "qemu", "-web1", operation, "begin", "-"], input=b"<domain/>",
+                                  capture_output=True, timeout=10)
+            assert (operation, done.returncode, done.stdout, done.stderr) == (operation, 0, b"", b"")
+        vm = create_vm(libvirt_conn, {"vda": 16 << 20}, label="hookenv")  # started with the hook installed
+        try:
+            assert vm.is_running()
+        finally:
+            vm.remove()
+    finally:
+        if saved is None:
+            HOOK_ENV.unlink(missing_ok=True)
+        else:
+            HOOK_ENV.write_bytes(saved)

@@ -68,6 +68,16 @@ def test_five_rounds_on_a_running_two_disk_vm(make_vm, second_host, src_state, d
     status = json.loads(run_vmrepl("status", "--json", state_dir=src_state).stdout)
     (target,) = status["vms"][0]["targets"]
     assert target["anchor"] == sent_ids[-1] and target["last_result"] == "ok"
+    # the same state for Prometheus (text) and for scripts (--json: one JSON document, as every command)
+    vm_labels = f'vm="{vm.name}",vm_uuid="{vm.uuid}"'
+    text = run_vmrepl("metrics", state_dir=src_state).stdout.splitlines()
+    assert f"vmrepl_snapshots{{{vm_labels}}} 5" in text
+    assert f'vmrepl_target_last_run_ok{{{vm_labels},target="{target["host"]}"}} 1' in text
+    samples = {m["name"]: m for m in run_vmrepl("metrics", "--json", state_dir=src_state).json()["metrics"]}
+    assert samples["vmrepl_snapshots"] == {"name": "vmrepl_snapshots", "labels": {"vm": vm.name, "vm_uuid": vm.uuid},
+                                           "value": 5}
+    assert samples["vmrepl_target_last_run_ok"]["labels"]["target"] == target["host"]
+    assert 0 <= samples["vmrepl_target_lag_seconds"]["value"] < 600
 
 
 def test_bytes_sent_follow_the_changed_bytes(make_vm, second_host, src_state, dst_state, run_vmrepl):

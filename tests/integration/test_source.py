@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import libvirt
 import pytest
 
+from testbed import wait_until
 from testbed.vm import read_matches
 from vmrepl.state import vm_lock
 
@@ -190,6 +194,68 @@ def test_failing_pre_hook_leaves_nothing(make_vm, src_state, run_vmrepl):
     assert snap["generation"] == 1
 
 
+def test_a_failing_post_hook_names_the_snapshot_it_follows(make_vm, src_state, run_vmrepl):
+    """A thaw that fails after the snapshot was taken says the snapshot exists (a retry would take a
+    second one); after a failed snapshot, the snapshot's own error stays the one reported."""
+    vm = make_vm()
+    hooks = src_state / "hooks"
+    hooks.mkdir()
+    (hooks / "10-thaw").write_text("#!/bin/sh\n[ \"$VMREPL_PHASE\" = post-snapshot ] && "
+                                   "{ echo 'cannot thaw' >&2; exit 4; }\nexit 0\n")
+    (hooks / "10-thaw").chmod(0o755)
+    taken = run_vmrepl("snapshot", vm.name, "--name", "nightly", state_dir=src_state, check=False)
+    (held,) = run_vmrepl("list", vm.name, "--json", state_dir=src_state).json()
+    assert (taken.returncode, taken.stdout, taken.stderr.splitlines()) == (1, "", [
+        f"vmrepl: snapshot nightly ({held['id']}) was taken, but post-snapshot hook 10-thaw failed (exit 4): "
+        "cannot thaw; fix the hook or remove it from the hooks directory"])
+    (hooks / "05-freeze").write_text("#!/bin/sh\n[ \"$VMREPL_PHASE\" = pre-snapshot ] && "
+                                     "{ echo 'will not freeze' >&2; exit 3; }\nexit 0\n")
+    (hooks / "05-freeze").chmod(0o755)
+    refused = run_vmrepl("snapshot", vm.name, state_dir=src_state, check=False)
+    assert refused.returncode == 1 and refused.stderr.splitlines() == [
+        "vmrepl: WARNING: post-snapshot hook 10-thaw failed (exit 4): cannot thaw; "
+        "fix the hook or remove it from the hooks directory",
+        "vmrepl: pre-snapshot hook 05-freeze failed (exit 3): will not freeze; "
+        "fix the hook or remove it from the hooks directory"]
+    assert len(run_vmrepl("list", vm.name, "--json", state_dir=src_state).json()) == 1
+
+
+def test_a_freeze_hook_that_leaves_a_session_running_is_not_waited_for(make_vm, src_state, run_vmrepl):
+    """The usual freeze: the pre hook starts a session that holds a read lock until the post hook ends
+    it. Its output must not tie the snapshot to that session (the pipes stayed open until the timeout)."""
+    vm = make_vm()
+    hooks = src_state / "hooks"
+    hooks.mkdir()
+    pidfile = src_state / "session.pid"
+    (hooks / "10-freeze").write_text(
+        f"#!/bin/sh\ncase $VMREPL_PHASE in\n  pre-snapshot) sleep 120 & echo $! > {pidfile} ;;\n"
+        f"  post-snapshot) kill $(cat {pidfile}) ;;\nesac\n")
+    (hooks / "10-freeze").chmod(0o755)
+    started = time.monotonic()
+    snapshot(run_vmrepl, src_state, vm)
+    assert time.monotonic() - started < 30
+    session = Path(f"/proc/{pidfile.read_text().strip()}/stat")
+    wait_until(lambda: not session.exists() or session.read_text().rsplit(")", 1)[1].split()[0] == "Z",
+               "the post hook ends the session", timeout=10)  # a zombie, when no init reaps it here
+
+
+def test_a_managed_saved_domain_is_not_snapshotted(make_vm, src_state, run_vmrepl):
+    """Restoring a managed save image runs QEMU on the disks it was saved with, so the layer a snapshot
+    froze meanwhile would be written again. Refused in one line; libvirt and the catalog unchanged."""
+    vm = make_vm()
+    snapshot(run_vmrepl, src_state, vm)
+    files_before = sorted(vm.dir.iterdir())
+    vm.dom.managedSave(0)
+    refused = run_vmrepl("snapshot", vm.name, state_dir=src_state, check=False)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert f"{vm.name} has a managed save image" in refused.stderr and "virsh managedsave-remove" in refused.stderr
+    assert sorted(vm.dir.iterdir()) == files_before and vm.dom.snapshotNum(0) == 1
+    assert len(run_vmrepl("list", vm.name, "--json", state_dir=src_state).json()) == 1
+    vm.start()  # restored from the image, on the disks as they were: the snapshot still stands
+    assert vm.is_running()
+    snapshot(run_vmrepl, src_state, vm)
+
+
 def test_bad_input_gets_one_line(make_vm, src_state, run_vmrepl, libvirt_conn, tmp_path):
     vm = make_vm()
     a = snapshot(run_vmrepl, src_state, vm)
@@ -270,6 +336,31 @@ def test_changes_up_to_the_disk_as_it_is_now(make_vm, src_state, run_vmrepl, run
             vm.dom, '{"execute": "query-named-block-nodes", "arguments": {"flat": true}}', 0))["return"]
         assert {b["name"] for n in nodes for b in n.get("dirty-bitmaps", [])} == {"vmrepl"}
         assert changes(run_vmrepl, src_state, vm, first["id"]).stdout == result.stdout  # the server was stopped
+
+
+def test_what_a_killed_changes_left_in_qemu_is_cleared(make_vm, src_state, run_vmrepl):
+    """`changes` killed while it read the running QEMU (SIGKILL, a timeout) leaves its bitmap copy, its NBD
+    server and its export in QEMU; the next `changes` clears them instead of failing until a restart."""
+    from vmrepl.source.domain import monitor, top_bitmaps
+
+    vm = make_vm()
+    first = snapshot(run_vmrepl, src_state, vm)
+    vm.write_pattern("vda", MiB, 65536, 0x31)
+    expected = changes(run_vmrepl, src_state, vm, first["id"]).stdout
+    node, _ = top_bitmaps(vm.dom)[str(vm.current_image("vda"))]
+    socket_dir = Path(tempfile.mkdtemp(prefix="vmrepl-test-", dir="/run"))
+    socket_dir.chmod(0o777)  # QEMU's user creates the socket
+    try:
+        monitor(vm.dom, "block-dirty-bitmap-add", node=node, name="vmrepl-peek", disabled=True)
+        monitor(vm.dom, "nbd-server-start", addr={"type": "unix", "data": {"path": str(socket_dir / "nbd.sock")}})
+        monitor(vm.dom, "block-export-add", type="nbd", id="vmrepl-live", **{"node-name": node})
+        assert changes(run_vmrepl, src_state, vm, first["id"]).stdout == expected
+        assert monitor(vm.dom, "query-block-exports") == []
+        bitmaps = {b["name"] for n in monitor(vm.dom, "query-named-block-nodes", flat=True)
+                   for b in n.get("dirty-bitmaps", [])}
+        assert bitmaps == {"vmrepl"}
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def test_changes_of_a_running_disk_shrunk_and_grown_back(make_vm, src_state, run_vmrepl):

@@ -53,6 +53,17 @@ def test_state_dir_that_is_a_file(run_vmrepl, work_dir):
     assert "not a directory" in one_line_error(run_vmrepl("status", state_dir=path, check=False))
 
 
+def test_a_message_with_line_breaks_still_is_one_line(run_vmrepl, work_dir):
+    path = work_dir / "two\nlines"  # named in the error, as libvirt's and qemu-img's messages may break lines
+    path.write_text("")
+    assert "two lines" in one_line_error(run_vmrepl("status", state_dir=path, check=False))
+
+
+def test_metrics_json_is_one_document(run_vmrepl):
+    assert run_vmrepl("metrics", "--json").json() == {"metrics": []}
+    assert run_vmrepl("metrics").stdout.startswith("# HELP vmrepl_snapshots ")
+
+
 def test_unreadable_state_dir(run_vmrepl, work_dir):
     path = work_dir / "private"
     path.mkdir(mode=0o700)  # root's; root itself would pass any permission check

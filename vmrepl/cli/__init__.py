@@ -82,7 +82,7 @@ def _run(args: list[str]) -> int:
     except VmreplError as err:
         if debug:
             traceback.print_exc()
-        click.echo(f"vmrepl: {err}", err=True)
+        click.echo(f"vmrepl: {_one_line(str(err))}", err=True)  # libvirt's and QEMU's messages may span lines
         return err.exit_code
     except KeyboardInterrupt:
         click.echo("vmrepl: interrupted", err=True)
@@ -92,6 +92,10 @@ def _run(args: list[str]) -> int:
     except Exception as err:  # a bug: still one line, unless --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"vmrepl: internal error: {type(err).__name__}: {err} (rerun with --debug for a traceback)",
-                   err=True)
+        click.echo(f"vmrepl: internal error: {type(err).__name__}: {_one_line(str(err))} (rerun with --debug for a "
+                   "traceback)", err=True)
         return 1
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

@@ -24,6 +24,7 @@ def changes(env: Env, vm: str, since_ref: str, until_ref: str | None, disk_targe
     from ..qemu.storage_daemon import StorageDaemon
     from ..source import domain
     from ..source.changes import disk_changes, running_disk_changes
+    from ..state import vm_lock
 
     with env.catalog() as catalog, contextlib.ExitStack() as stack:
         uuid = catalog_vm(catalog, vm)
@@ -36,6 +37,8 @@ def changes(env: Env, vm: str, since_ref: str, until_ref: str | None, disk_targe
             conn = domain.connect(env.connect)
             stack.callback(conn.close)
             dom = domain.lookup(conn, vm)
+            # the running QEMU gets a bitmap copy and an NBD export: one run at a time, none during a snapshot/prune
+            stack.enter_context(vm_lock(env.state_dir, uuid, wait_seconds=60))
             targets = [disk_target] if disk_target else [d.target for d in domain.disks(dom)]
         else:
             targets = [until.disk(disk_target).target] if disk_target else [d.target for d in until.disks]

@@ -86,7 +86,7 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 @contextlib.contextmanager
-def locked_domain(env: Env, vm: str) -> Iterator[tuple[Any, Catalog]]:
+def locked_domain(env: Env, vm: str, *, wait_seconds: float = 0.0) -> Iterator[tuple[Any, Catalog]]:
     """The libvirt domain `vm` and the catalog, with the VM's lock held: one vmrepl run per VM."""
     from ..names import safe_name
     from ..source import domain
@@ -95,7 +95,7 @@ def locked_domain(env: Env, vm: str) -> Iterator[tuple[Any, Catalog]]:
     conn = domain.connect(env.connect)
     try:
         dom = domain.lookup(conn, safe_name("VM name", vm))
-        with env.catalog() as catalog, vm_lock(env.state_dir, dom.UUIDString()):
+        with env.catalog() as catalog, vm_lock(env.state_dir, dom.UUIDString(), wait_seconds=wait_seconds):
             yield dom, catalog
     finally:
         conn.close()

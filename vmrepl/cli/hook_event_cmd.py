@@ -27,6 +27,8 @@ SETTLE_SECONDS = 30.0
 @pass_env
 def hook_event(env: Env, vm: str, operation: str) -> None:
     """Handle a libvirt hook event (called by hooks/qemu, detached from libvirtd)."""
+    import libvirt
+
     from ..source import domain
     from ..source.snapshot import take_snapshot
 
@@ -49,7 +51,11 @@ def hook_event(env: Env, vm: str, operation: str) -> None:
     if vm not in names and "*" not in names:
         return
     try:
-        with locked_domain(env, vm) as (dom, catalog):
+        with locked_domain(env, vm, wait_seconds=600) as (dom, catalog):
+            reason = dom.state()[1]
+            if reason in (libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED, libvirt.VIR_DOMAIN_SHUTOFF_SAVED):
+                click.echo(f"{stamp} {vm} {'migrated' if reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED else 'saved'}: no snapshot")
+                return
             snap = take_snapshot(dom.connect(), dom, catalog, name=None, quiesce=False,
                                  hooks_dir=hooks_dir(env.state_dir))
         click.echo(f"{stamp} {vm} shut down: snapshot {snap.name} ({snap.id})")

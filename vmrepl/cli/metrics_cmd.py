@@ -16,7 +16,7 @@ FAMILIES = {
 }
 
 
-def _labels(**labels: str) -> str:
+def _labels(labels: dict[str, str]) -> str:
     def escape(value: str) -> str:
         return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -27,25 +27,27 @@ def _labels(**labels: str) -> str:
 @global_options()
 @pass_env
 def metrics(env: Env) -> None:
-    """Print snapshot counts, ages and replication lag per VM and target in Prometheus text format."""
+    """Print snapshot counts, ages and replication lag per VM and target in Prometheus text format
+    (with --json: the same samples as one JSON document)."""
     now = time.time_ns()
-    samples: dict[str, list[str]] = {family: [] for family in FAMILIES}
+    samples: list[tuple[str, dict[str, str], float]] = []  # family, labels, value
     with env.catalog() as catalog:
         for uuid, name in catalog.vms():
             snapshots = catalog.snapshots(uuid)
-            vm = _labels(vm=name, vm_uuid=uuid)
-            samples["vmrepl_snapshots"].append(f"{vm} {len(snapshots)}")
+            vm = {"vm": name, "vm_uuid": uuid}
+            samples.append(("vmrepl_snapshots", vm, len(snapshots)))
             if snapshots:
-                samples["vmrepl_newest_snapshot_age_seconds"].append(
-                    f"{vm} {(now - snapshots[-1].created_ns) / 1e9:.1f}")
+                age = round((now - snapshots[-1].created_ns) / 1e9, 1)
+                samples.append(("vmrepl_newest_snapshot_age_seconds", vm, age))
             for target in catalog.targets(uuid):
-                labels = _labels(vm=name, vm_uuid=uuid, target=target.host)
+                labels = {**vm, "target": target.host}
                 anchor = catalog.find_snapshot(target.anchor) if target.anchor else None
                 if anchor:
-                    samples["vmrepl_target_lag_seconds"].append(f"{labels} {(now - anchor.created_ns) / 1e9:.1f}")
-                samples["vmrepl_target_last_run_ok"].append(f"{labels} {int(target.last_result == 'ok')}")
+                    samples.append(("vmrepl_target_lag_seconds", labels, round((now - anchor.created_ns) / 1e9, 1)))
+                samples.append(("vmrepl_target_last_run_ok", labels, int(target.last_result == "ok")))
     lines = []
     for family, help_text in FAMILIES.items():
         lines += [f"# HELP {family} {help_text}", f"# TYPE {family} gauge"]
-        lines += [f"{family}{sample}" for sample in samples[family]]
-    click.echo("\n".join(lines))
+        lines += [f"{family}{_labels(labels)} {value}" for name, labels, value in samples if name == family]
+    env.emit({"metrics": [{"name": name, "labels": labels, "value": value} for name, labels, value in samples]},
+             "\n".join(lines))

@@ -44,7 +44,8 @@ def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
 
 
 def is_running(dom: libvirt.virDomain) -> bool:
-    return dom.state()[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
+    """Whether a QEMU process holds the disks (also while crashed-preserved, shutting down or pm-suspended)."""
+    return bool(dom.isActive())
 
 
 def definition(dom: libvirt.virDomain) -> str:

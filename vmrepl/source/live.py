@@ -37,6 +37,7 @@ def live_export(dom: libvirt.virDomain, node: str, image: str, *, with_bitmap: b
     os.chown(directory, os.stat(image).st_uid, -1)
     socket = os.path.join(directory, "nbd.sock")
     steps: list[tuple[str, dict]] = []  # what to undo, newest first
+    _clear_leftovers(dom, node)  # of a run killed before its cleanup (SIGTERM, SIGKILL); the caller holds the VM lock
     try:
         if with_bitmap:
             domain.monitor(dom, "transaction", actions=[
@@ -47,6 +48,8 @@ def live_export(dom: libvirt.virDomain, node: str, image: str, *, with_bitmap: b
         try:
             domain.monitor(dom, "nbd-server-start", addr={"type": "unix", "data": {"path": socket}})
         except SourceError as err:
+            if "already" not in str(err):
+                raise
             raise SourceError(f"QEMU of {dom.name()} already serves NBD (a backup or migration?): {err}",
                               hint="retry when it is done") from None
         steps.append(("nbd-server-stop", {}))
@@ -68,3 +71,13 @@ def live_export(dom: libvirt.virDomain, node: str, image: str, *, with_bitmap: b
             with contextlib.suppress(SourceError):
                 domain.monitor(dom, command, **arguments)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _clear_leftovers(dom: libvirt.virDomain, node: str) -> None:
+    """Remove what only vmrepl names so: its export (and the NBD server it started), its bitmap copy."""
+    if any(e.get("id") == EXPORT for e in domain.monitor(dom, "query-block-exports") or []):
+        for command, arguments in (("block-export-del", {"id": EXPORT, "mode": "hard"}), ("nbd-server-stop", {})):
+            with contextlib.suppress(SourceError):
+                domain.monitor(dom, command, **arguments)
+    with contextlib.suppress(SourceError):
+        domain.monitor(dom, "block-dirty-bitmap-remove", node=node, name=PEEK)

@@ -12,6 +12,7 @@ disk-only snapshot and `qemu-img bitmap --add`.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid as uuidlib
@@ -21,13 +22,15 @@ from pathlib import Path
 import libvirt
 
 from ..catalog import Catalog, Layer, Snapshot
-from ..errors import SourceError, UsageError
+from ..errors import HookError, SourceError, UsageError
 from ..hooks import run_hooks
 from ..names import safe_name
 from ..qemu import img
 from ..state import fsync_file
 from . import domain
 from .domain import BITMAP, Disk
+
+log = logging.getLogger(__name__)
 
 
 def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Catalog, *,
@@ -42,6 +45,10 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     running = domain.is_running(dom)
     if quiesce and not running:
         raise UsageError(f"--quiesce needs a running domain; {vm_name} is shut off")
+    if not running and dom.hasManagedSaveImage(0):
+        raise SourceError(f"{vm_name} has a managed save image: restoring it would run on the disks as saved, "
+                          "bypassing a snapshot's new overlays and writing its frozen layers",
+                          hint="start the domain and snapshot it running, or drop the image (virsh managedsave-remove)")
     disks = domain.disks(dom)
     snapshot_id = str(uuidlib.uuid4())
     overlays = {d.target: _overlay_path(d, vm_name, name) for d in disks}
@@ -70,7 +77,14 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
         catalog.add_snapshot(snap)
         result = "ok"
     finally:
-        run_hooks(hooks_dir, "post-snapshot", {**hook_env, "VMREPL_RESULT": result})
+        try:
+            run_hooks(hooks_dir, "post-snapshot", {**hook_env, "VMREPL_RESULT": result})
+        except HookError as err:
+            if result != "ok":  # the snapshot's own failure, on its way out, is the one to report
+                log.warning("%s", err)
+            else:  # taken and catalogued: say so, or the user retries and gets a second one
+                raise HookError(f"snapshot {name} ({snapshot_id}) was taken, but {err.message}",
+                                hint=err.hint) from None
     return snap
 
 
