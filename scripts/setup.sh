@@ -7,7 +7,7 @@ say() { printf 'setup: %s\n' "$*"; }
 
 packages=(qemu-system-x86 qemu-system-common qemu-utils python3-libnbd libnbd-bin
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev python3-venv
-  openssh-server openssh-client iproute2 rsync util-linux procps)
+  openssh-server openssh-client iproute2 rsync util-linux procps ovmf)  # ovmf: UEFI guests (tests)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

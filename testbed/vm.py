@@ -178,9 +178,15 @@ class VM:
                 raise RuntimeError(f"{self.name}: HMP qemu-io {cmd!r} on {target}: {out.strip()}")
 
 
+# Secure boot needs SMM, which KVM inside a VM (these machines) does not offer.
+EFI_WITHOUT_SMM = ("<firmware><feature enabled='no' name='secure-boot'/><feature enabled='no' name='enrolled-keys'/>"
+                   "</firmware>")
+
+
 def create_vm(conn: libvirt.virConnect, disks: Mapping[str, int] | None = None, *, label: str = "vm",
-              start: bool = True) -> VM:
-    """Define (and by default start) a VM with one empty qcow2 image per disk, `{target: size}`."""
+              start: bool = True, firmware: str = "bios") -> VM:
+    """Define (and by default start) a VM with one empty qcow2 image per disk, `{target: size}`;
+    `firmware='efi'`: UEFI (OVMF, chosen by libvirt), with a variable store of its own."""
     name = vm_name(label)
     directory = public_dir(VMS_DIR / name)
     disk_xml = []
@@ -197,7 +203,8 @@ def create_vm(conn: libvirt.virConnect, disks: Mapping[str, int] | None = None, 
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+  <os{" firmware='efi'" if firmware == "efi" else ""}><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/>{EFI_WITHOUT_SMM if firmware == "efi" else ""}</os>
+  {"<features><acpi/><smm state='off'/></features>" if firmware == "efi" else ""}
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
   <devices>{''.join(disk_xml)}

@@ -160,12 +160,13 @@ def libvirt_conn() -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture
 def make_vm(libvirt_conn: libvirt.virConnect) -> Iterator[Callable[..., VM]]:
-    """`make_vm(disks={"vda": 64 MiB, "vdb": 32 MiB}, *, label="vm", start=True) -> VM`: a throwaway
-    no-OS VM, removed with its files after the test."""
+    """`make_vm(disks={"vda": 64 MiB, "vdb": 32 MiB}, *, label="vm", start=True, firmware="bios") -> VM`:
+    a throwaway no-OS VM, removed with its files after the test."""
     made: list[VM] = []
 
-    def make_vm(disks: Mapping[str, int] | None = None, *, label: str = "vm", start: bool = True) -> VM:
-        vm = create_vm(libvirt_conn, disks, label=label, start=start)
+    def make_vm(disks: Mapping[str, int] | None = None, *, label: str = "vm", start: bool = True,
+                firmware: str = "bios") -> VM:
+        vm = create_vm(libvirt_conn, disks, label=label, start=start, firmware=firmware)
         made.append(vm)
         return vm
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -53,6 +55,35 @@ def test_clone_replicates_as_a_delta_on_its_origin(make_vm, libvirt_conn, second
         assert {p["name"]: p["reason"] for p in kept["protected"]}[base["name"]].startswith(
             f"other layers stand on its layer ({own['id']}.qcow2)")  # the clone's first layer
         run_vmrepl("verify", name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
+    finally:
+        remove_domain(libvirt_conn, name)
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["store-named-in-definition", "firmware-autoselected"])
+def test_a_uefi_clone_gets_a_variable_store_of_its_own(make_vm, libvirt_conn, src_state, run_vmrepl, explicit):
+    """Both domains write their UEFI variables, so the clone must not name its origin's store: a definition
+    that names one (loader and nvram paths, as older tools write it) gets a copy of it (as virt-clone
+    does); one that leaves the firmware to libvirt gets libvirt's fresh store for the clone's name."""
+    origin = make_vm({"vda": 16 * MiB}, firmware="efi")
+    live_os = origin.xml().find("os")  # the running domain's: it names the loader and the store
+    origin_store = Path(live_os.findtext("nvram"))
+    if explicit:
+        origin.shutoff()
+        live_os.remove(live_os.find("firmware"))
+        definition = ET.fromstring(origin.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        definition.remove(definition.find("os"))
+        definition.insert(0, live_os)
+        libvirt_conn.defineXML(ET.tostring(definition, encoding="unicode"))
+    base = run_vmrepl("snapshot", origin.name, "--json", state_dir=src_state).json()
+    name = vm_name("uefi-clone")
+    try:
+        run_vmrepl("clone", origin.name, base["id"], name, state_dir=src_state)
+        clone = VM(libvirt_conn, name, origin.dir)
+        clone.start()
+        store = Path(clone.xml().findtext("./os/nvram"))
+        assert store != origin_store and store.is_file()
+        if explicit:
+            assert store.parent == origin.dir and store.read_bytes() == origin_store.read_bytes()
     finally:
         remove_domain(libvirt_conn, name)
 

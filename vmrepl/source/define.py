@@ -12,7 +12,7 @@ import libvirt
 from ..catalog import Snapshot
 from ..errors import SourceError, UsageError
 from ..qemu import img
-from ..state import fsync_dir, make_dir_durably
+from ..state import fsync_dir, make_dir_durably, write_file_durably
 from .domain import BITMAP
 
 
@@ -39,6 +39,8 @@ def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, over
     make_dir_durably(overlay_dir)
     made: list[Path] = []
     try:
+        if not keep_uuid:
+            made += _own_nvram(root, overlay_dir / f"{name}_VARS.fd")
         for disk in root.iterfind("./devices/disk"):
             target = disk.find("target").get("dev")
             source = disk.find("source")
@@ -66,3 +68,21 @@ def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, over
         if fresh_dir:
             overlay_dir.rmdir()
         raise
+
+
+def _own_nvram(root: ET.Element, copy: Path) -> list[Path]:
+    """Give a copy of a domain its own UEFI variable store: a copy of the origin's as it is now (as
+    virt-clone does), not the origin's file, which both would write. Without a file to copy, libvirt
+    makes a fresh one from the firmware's template. Returns the file made."""
+    nvram = root.find("./os/nvram")
+    if nvram is None:
+        return []
+    source = Path(nvram.text.strip()) if nvram.text and nvram.text.strip() else None
+    if source is None or not source.is_file():
+        root.find("os").remove(nvram)
+        return []
+    if copy.exists():
+        raise SourceError(f"{copy} already exists", hint="remove it or pick another name")
+    write_file_durably(copy, source.read_bytes())
+    nvram.text = str(copy)
+    return [copy]
