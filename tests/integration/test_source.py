@@ -7,6 +7,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -297,6 +298,27 @@ def test_second_run_on_the_same_vm_fails_clearly(make_vm, src_state, run_vmrepl)
     assert result.returncode == 1
     assert result.stderr.strip() == "vmrepl: another vmrepl run is working on this VM; wait for it to finish, then retry"
     snapshot(run_vmrepl, src_state, vm)  # and the lock is free again
+
+
+def test_wait_lets_a_second_run_queue_behind_the_first(make_vm, src_state, run_vmrepl):
+    """`--wait SECONDS` (as `flock -w`): a timer's snapshot waits for a replicate still running."""
+    vm = make_vm()
+    held = threading.Event()
+
+    def first_run() -> None:
+        with vm_lock(src_state, vm.uuid):
+            held.set()
+            time.sleep(1.5)
+
+    other = threading.Thread(target=first_run)
+    other.start()
+    held.wait()
+    started = time.monotonic()
+    short = run_vmrepl("snapshot", vm.name, "--wait", "0.3", state_dir=src_state, check=False)
+    assert short.returncode == 1 and "another vmrepl run is working on this VM" in short.stderr
+    assert snapshot(run_vmrepl, src_state, vm, "--wait", "30")["generation"] == 1
+    assert time.monotonic() - started >= 1.4
+    other.join()
 
 
 def test_quiesce_without_guest_agent_is_refused_cleanly(make_vm, src_state, run_vmrepl):

@@ -17,14 +17,13 @@ from .common import Env, catalog_vm, format_table, global_options, pass_env
 @click.option("--since", "since_ref", required=True, help="The older snapshot (id, id prefix or name).")
 @click.option("--until", "until_ref", help="The younger snapshot (default: the disk as it is now).")
 @click.option("--disk", "disk_target", help="Only this disk (e.g. vda).")
-@global_options(connect=True)
+@global_options(connect=True, lock=True)
 @pass_env
 def changes(env: Env, vm: str, since_ref: str, until_ref: str | None, disk_target: str | None) -> None:
     """List the extents that changed since a snapshot (up to another, or to now), from the dirty bitmaps."""
     from ..qemu.storage_daemon import StorageDaemon
     from ..source import domain
     from ..source.changes import disk_changes, running_disk_changes
-    from ..state import vm_lock
 
     with env.catalog() as catalog, contextlib.ExitStack() as stack:
         uuid = catalog_vm(catalog, vm)
@@ -38,7 +37,7 @@ def changes(env: Env, vm: str, since_ref: str, until_ref: str | None, disk_targe
             stack.callback(conn.close)
             dom = domain.lookup(conn, vm)
             # the running QEMU gets a bitmap copy and an NBD export: one run at a time, none during a snapshot/prune
-            stack.enter_context(vm_lock(env.state_dir, uuid, wait_seconds=60))
+            stack.enter_context(env.vm_lock(uuid, at_least=60))
             targets = [disk_target] if disk_target else [d.target for d in domain.disks(dom)]
         else:
             targets = [until.disk(disk_target).target] if disk_target else [d.target for d in until.disks]

@@ -14,7 +14,7 @@ from .common import Env, global_options, locked_domain, pass_env
 @click.argument("vm")
 @click.argument("snapshot_ref", metavar="SNAPSHOT")
 @click.argument("new_vm", metavar="NEWVM")
-@global_options(connect=True)
+@global_options(connect=True, lock=True)
 @pass_env
 def clone(env: Env, vm: str, snapshot_ref: str, new_vm: str) -> None:
     """Define NEWVM as a linked clone of VM at SNAPSHOT (overlays on the snapshot's images)."""

@@ -27,10 +27,17 @@ class Env:
     state_dir_option: str | None = None
     connect: str = DEFAULT_CONNECT
     debug: bool = False
+    lock_wait: float = 0.0  # --wait: how long to wait for another run on the same VM
 
     @functools.cached_property
     def state_dir(self) -> Path:
         return resolve_state_dir(self.state_dir_option)
+
+    def vm_lock(self, vm_uuid: str, *, at_least: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        """The VM's lock (one vmrepl run per VM), waited for up to --wait seconds (`at_least` these)."""
+        from ..state import vm_lock
+
+        return vm_lock(self.state_dir, vm_uuid, wait_seconds=max(self.lock_wait, at_least))
 
     def catalog(self) -> Catalog:
         return Catalog(self.state_dir)
@@ -54,8 +61,9 @@ def _setter(attribute: str) -> Callable[[click.Context, click.Parameter, Any], N
     return store
 
 
-def global_options(*, connect: bool = False) -> Callable[[Callable], Callable]:
-    """Add --json, --state-dir, --debug (and --connect for libvirt commands) to a command or group."""
+def global_options(*, connect: bool = False, lock: bool = False) -> Callable[[Callable], Callable]:
+    """Add --json, --state-dir, --debug (and --connect for libvirt commands, --wait for those that take
+    a VM's lock) to a command or group."""
 
     def decorate(f: Callable) -> Callable:
         options = [
@@ -69,6 +77,11 @@ def global_options(*, connect: bool = False) -> Callable[[Callable], Callable]:
         if connect:
             options.append(click.option("--connect", "-c", type=str, expose_value=False, callback=_setter("connect"),
                                         help=f"libvirt URI (default {DEFAULT_CONNECT})."))
+        if lock:
+            options.append(click.option("--wait", "lock_wait", type=click.FloatRange(min=0), metavar="SECONDS",
+                                        expose_value=False, callback=_setter("lock_wait"),
+                                        help="Wait up to SECONDS for another vmrepl run on the same VM "
+                                             "(default: fail at once)."))
         for option in reversed(options):
             f = option(f)
         return f
@@ -86,16 +99,15 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 @contextlib.contextmanager
-def locked_domain(env: Env, vm: str, *, wait_seconds: float = 0.0) -> Iterator[tuple[Any, Catalog]]:
+def locked_domain(env: Env, vm: str, *, wait_at_least: float = 0.0) -> Iterator[tuple[Any, Catalog]]:
     """The libvirt domain `vm` and the catalog, with the VM's lock held: one vmrepl run per VM."""
     from ..names import safe_name
     from ..source import domain
-    from ..state import vm_lock
 
     conn = domain.connect(env.connect)
     try:
         dom = domain.lookup(conn, safe_name("VM name", vm))
-        with env.catalog() as catalog, vm_lock(env.state_dir, dom.UUIDString(), wait_seconds=wait_seconds):
+        with env.catalog() as catalog, env.vm_lock(dom.UUIDString(), at_least=wait_at_least):
             yield dom, catalog
     finally:
         conn.close()

@@ -51,7 +51,7 @@ def hook_event(env: Env, vm: str, operation: str) -> None:
     if vm not in names and "*" not in names:
         return
     try:
-        with locked_domain(env, vm, wait_seconds=600) as (dom, catalog):
+        with locked_domain(env, vm, wait_at_least=600) as (dom, catalog):
             reason = dom.state()[1]
             if reason in (libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED, libvirt.VIR_DOMAIN_SHUTOFF_SAVED):
                 click.echo(f"{stamp} {vm} {'migrated' if reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED else 'saved'}: no snapshot")

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
                    "and progress file (see `vmrepl status`). Refused while a transfer of VM runs; the next "
                    "replicate sends that snapshot again from its start. VM may be the uuid `status` shows.")
 @click.option("--dry-run", is_flag=True, help="Say what would go; change nothing.")
-@global_options(connect=True)
+@global_options(connect=True, lock=True)
 @pass_env
 def prune(env: Env, vm: str, spec: str | None, drop_partial: bool, dry_run: bool) -> None:
     """Remove VM's snapshots that the retention grid (--keep) does not keep (never an anchor or the newest),
@@ -140,9 +140,8 @@ def _prune_received(env: Env, uuid: str, rules: dict[str, int], dry_run: bool, o
     from ..sink import chain
     from ..sink import prune as received
     from ..sink.store import Store
-    from ..state import vm_lock
 
-    with env.catalog() as catalog, vm_lock(env.state_dir, uuid):
+    with env.catalog() as catalog, env.vm_lock(uuid):
         store = Store(env.state_dir, catalog)
         if dry_run:
             snaps = catalog.snapshots(uuid)
@@ -163,14 +162,13 @@ def _drop_partial(env: Env, vm: str, dry_run: bool, outcome: Outcome) -> bool:
     one `vmrepl receive` holds for its whole session; True if the catalog knows the VM."""
     from ..errors import LockedError
     from ..sink.store import Store
-    from ..state import vm_lock
 
     with env.catalog() as catalog:
         store = Store(env.state_dir, catalog)
         uuid = _partial_vm(catalog, store, vm)
         lock = ExitStack()
         try:
-            lock.enter_context(vm_lock(env.state_dir, uuid))
+            lock.enter_context(env.vm_lock(uuid))
         except LockedError:
             raise LockedError(f"a transfer of {vm} is running on this host (another vmrepl run holds its lock)",
                               hint="its partial is in use: retry once it has ended") from None

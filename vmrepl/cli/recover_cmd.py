@@ -18,7 +18,7 @@ from .common import Env, catalog_vm, global_options, pass_env
 @click.option("--snapshot", "snapshot_ref", required=True, help="The replicated snapshot to run from.")
 @click.option("--as", "new_name", help="Define it under a new name and UUID (keeps the original's identity free).")
 @click.option("--start", is_flag=True, help="Start the domain.")
-@global_options(connect=True)
+@global_options(connect=True, lock=True)
 @pass_env
 def recover(env: Env, vm: str, snapshot_ref: str, new_name: str | None, start: bool) -> None:
     """Define (and start) a domain from a replicated snapshot held on this host."""
@@ -27,13 +27,12 @@ def recover(env: Env, vm: str, snapshot_ref: str, new_name: str | None, start: b
     from ..names import safe_name
     from ..source import domain
     from ..source.define import define_on_snapshot
-    from ..state import vm_lock
 
     with env.catalog() as catalog:
         uuid = catalog_vm(catalog, vm)
         conn = domain.connect(env.connect)
         try:
-            with vm_lock(env.state_dir, uuid):  # before the snapshot is looked up: a prune may be removing it
+            with env.vm_lock(uuid):  # before the snapshot is looked up: a prune may be removing it
                 snap = catalog.snapshot(uuid, snapshot_ref)
                 name = safe_name("VM name", new_name or snap.vm_name)
                 dom = define_on_snapshot(conn, snap, name, env.state_dir / "vms" / uuid / "recovered" / snap.id,

@@ -19,13 +19,12 @@ from .common import Env, catalog_vm, connection_options, format_table, global_op
 @click.option("--all", "send_all", is_flag=True, help="Send every snapshot the destination lacks (the default).")
 @click.option("--latest-first", is_flag=True, help="Send the newest first, then backfill the older ones.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; send nothing.")
-@global_options()
+@global_options(lock=True)
 @pass_env
 def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, latest_first: bool,  # type: ignore[no-untyped-def]
               dry_run: bool) -> None:
     """Send VM's snapshots that the destination lacks, each as a delta on the youngest shared one."""
     from ..destination import parse_destination
-    from ..state import vm_lock
     from ..transport import Opening
 
     if snapshot_ref and send_all:
@@ -34,7 +33,7 @@ def replicate(env: Env, vm: str, ssh, snapshot_ref: str | None, send_all: bool, 
     with env.catalog() as catalog, contextlib.ExitStack() as held:
         uuid = catalog_vm(catalog, vm)
         want = [catalog.snapshot(uuid, snapshot_ref).id] if snapshot_ref else None
-        held.enter_context(vm_lock(env.state_dir, uuid))  # a busy VM fails here, before any network traffic
+        held.enter_context(env.vm_lock(uuid))  # a busy VM fails here, before any network traffic
         opening = Opening(ssh)  # connect while the rest is imported
 
         from concurrent.futures import ThreadPoolExecutor

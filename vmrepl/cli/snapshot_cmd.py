@@ -12,7 +12,7 @@ from .common import Env, global_options, locked_domain, pass_env
 @click.argument("vm")
 @click.option("--name", help="Snapshot name (default gGENERATION-UTCTIME).")
 @click.option("--quiesce", is_flag=True, help="Freeze guest filesystems through the guest agent.")
-@global_options(connect=True)
+@global_options(connect=True, lock=True)
 @pass_env
 def snapshot(env: Env, vm: str, name: str | None, quiesce: bool) -> None:
     """Take a snapshot of every disk of VM at one instant."""
