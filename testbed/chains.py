@@ -61,9 +61,10 @@ class Source:
         w = FrameWriter(out)
         w.write(Hello(self.vm_uuid, "vm"))
         for k, base in steps:
+            disks = tuple(DiskInfo(t, img.info(self.image(t, k))["virtual-size"], CLUSTER) for t in self.disks)
             w.write(SnapshotHeader(id=f"s{k}", name=f"snap{k}", parent=f"s{k - 1}" if k > 1 else None,
                                    base=f"s{base}" if base else None, created_ns=1000 * k, generation=k,
-                                   definition="<domain/>", disks=tuple(DiskInfo(t, self.size, CLUSTER) for t in self.disks)))
+                                   definition="<domain/>", disks=disks))
             for target in self.disks:
                 with daemon.reader(self.image(target, k)) as r:
                     for piece in split(self.delta(target, k, base)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from tests.integration.test_qemu import CLUSTER, MiB
 from testbed.vm import qemu_io
@@ -106,9 +108,12 @@ def test_exception_inside_the_block_leaves_no_file(work_dir: Path, daemon: Stora
 def test_committed_layer_is_never_rewritten(work_dir: Path, daemon: StorageDaemon) -> None:
     final = work_dir / "layer.qcow2"
     img.create(final, size=SIZE)
+    qemu_io(final, "write -P 0x61 0 64k")
+    before = (final.stat().st_ino, final.read_bytes())
     with pytest.raises(SinkError, match="already exists"):
         with LayerWriter(final, backing=None, virtual_size=SIZE, daemon=daemon):
             pass
+    assert (final.stat().st_ino, final.read_bytes()) == before  # neither replaced by rename nor written
     with LayerWriter(work_dir / "other.qcow2", backing=None, virtual_size=SIZE, daemon=daemon) as w:
         with pytest.raises(SinkError, match="outside the disk"):
             w.write(SIZE - 10, b"x" * 20)
@@ -173,8 +178,16 @@ def test_digest_of_a_sparse_64_gib_disk_reads_only_its_data(work_dir: Path, daem
     img.create(path, size=64 << 30)
     qemu_io(path, "write -P 1 0 1M", "write -P 2 40G 3M")
     start = time.monotonic()
-    image_digest(path, daemon=daemon)
+    digest = image_digest(path, daemon=daemon)
     assert time.monotonic() - start < 10  # reading 64 GiB would take minutes
+    # docs/FORMAT.md, "Verify", computed here: only blocks 0 and 40 GiB / 4 MiB hold data, each padded
+    # with zeros to the 4 MiB block; every other block reads as zeros and adds nothing.
+    block = 4 * MiB
+    expected = hashlib.blake2b(digest_size=32, person=b"vmrepl-digest-1")
+    expected.update((64 << 30).to_bytes(8, "little"))
+    for index, data in ((0, b"\x01" * MiB), ((40 << 30) // block, b"\x02" * (3 * MiB))):
+        expected.update(index.to_bytes(8, "little") + xxhash.xxh3_128(data + bytes(block - len(data))).digest())
+    assert digest == expected.hexdigest()
 
 
 def _resident() -> int:

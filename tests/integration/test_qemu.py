@@ -53,6 +53,13 @@ def test_img_create_chain_map_check_compare(work_dir: Path) -> None:
 
     assert img.check(top)["check-errors"] == 0 and "corruptions" not in img.check(top)
     assert img.compare(top, top) and not img.compare(top, base)
+    # Another file, flattened (no backing file), reads the same; one byte changed in it, it does not.
+    copy = work_dir / "copy.qcow2"
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2", str(top), str(copy)], check=True)
+    assert "backing-filename" not in img.info(copy)
+    assert img.compare(top, copy) and img.compare(copy, top)
+    qemu_io(copy, "write -P 0x44 4M 1")
+    assert not img.compare(top, copy) and not img.compare(copy, top)
 
     other = work_dir / "other.qcow2"
     img.create(other, size=16 * MiB)

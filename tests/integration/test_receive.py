@@ -9,6 +9,7 @@ import json
 import os
 import random
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -228,10 +229,14 @@ def test_a_clone_waits_for_its_origin_vm(dst_state: Path) -> None:
     clone = replace(origin, id="c1", name="c1", parent="o1", base="o1", created_ns=2, generation=2)
     stream = sender(clone, [[(65536, bytes([2]) * 65536)]])
     with vm_lock(dst_state, origin_uuid):
-        _, reader, status = receive(dst_state, stream, env={"VMREPL_ORIGIN_LOCK_SECONDS": "1"})
+        started = time.monotonic()
+        _, reader, status = receive(dst_state, stream, env={"VMREPL_ORIGIN_LOCK_SECONDS": "2"})
+        took = time.monotonic() - started
     with pytest.raises(LockedError, match="^destination: another vmrepl run is working on VM crafted-0c1a, "
                                           "the origin of this clone; wait for it to finish, then retry$"):
         reader.expect(wire.Ok)
+    # It waited the 2 s it was given (a run that did not wait fails well within them), not the default 600.
+    assert 2 <= took < 2 + 15, took
     assert status == 1 and not list(dst_state.glob(f"vms/{VM_UUID}/disks/vda/*"))
     _, reader, status = receive(dst_state, stream)
     assert reader.expect(wire.Ok) == wire.Ok("c1") and status == 0
@@ -263,3 +268,9 @@ def test_an_ok_for_another_snapshot_is_refused(make_vm, second_host, src_state, 
                         state_dir=src_state, check=False)
     assert result.returncode == 1
     assert result.stderr.startswith(f"vmrepl: the destination confirmed snapshot someone-else, not {sid} it was sent")
+    # Not recorded as committed: the destination said it holds nothing, so there is no anchor, and the
+    # next run (against that destination) bases nothing on the snapshot.
+    (status,) = run_vmrepl("status", "--json", state_dir=src_state).json()["vms"]
+    (target,) = status["targets"]
+    assert target["host"] == second_host.destination and target["anchor"] is None, target
+    assert target["last_result"].startswith(f"failed: the destination confirmed snapshot someone-else, not {sid}")

@@ -25,7 +25,7 @@ def listing(run_vmrepl, state: Path, vm) -> list[dict]:
 
 
 def assert_destination_matches(run_vmrepl, src_state: Path, dst_state: Path, vm) -> None:
-    """Every destination snapshot reads as its source snapshot; every layer is a clean qcow2."""
+    """Every destination snapshot reads as its source snapshot, at its size; every layer is a clean qcow2."""
     source = {s["id"]: s for s in listing(run_vmrepl, src_state, vm)}
     held = listing(run_vmrepl, dst_state, vm)
     assert held, "the destination holds nothing"
@@ -37,6 +37,9 @@ def assert_destination_matches(run_vmrepl, src_state: Path, dst_state: Path, vm)
         for disk in mine["disks"]:
             layer = theirs[disk["target"]]
             assert img.compare(disk["image"], layer), f"{snap['name']} {disk['target']} differs"
+            # compare reads a missing tail as zeros: a layer of the wrong size would still pass it
+            assert img.info(layer)["virtual-size"] == img.info(disk["image"])["virtual-size"], \
+                f"{snap['name']} {disk['target']} has another size"
             report = img.check(layer)
             assert not report.get("corruptions") and not report.get("leaks") and not report.get("check-errors")
             chain = img.info(layer, chain=True)
@@ -139,18 +142,21 @@ def test_verify_names_the_snapshot_and_disk_that_differ(make_vm, second_host, sr
 
 def test_an_ssh_config_alias_through_a_jump_host(make_vm, second_host, src_state, dst_state, run_vmrepl, work_dir):
     """`--to backup`, an alias of the admin's ssh config that goes through a jump host (here the second
-    host itself): replicate, verify and status work by that name."""
+    host itself): replicate, verify and status work by that name, and their sessions come from the
+    jump host (as in test_transport.py's jump test: sshd sees its own address, not the source's)."""
     vm = make_vm(start=False)
     vm.write_pattern("vda", 3 * MiB, MiB, 0x5a)
     snap = json.loads(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).stdout)
     config = work_dir / "ssh_config"
     config.write_text(second_host.ssh_config("backup", ProxyJump="bastion") + second_host.ssh_config("bastion"))
+    seen = work_dir / "ssh_connection"  # the remote shell notes where each session came from, off stdout
     over = ["--to", "backup", "--ssh-config", str(config),
-            "--remote-command", f"vmrepl receive --state-dir {dst_state}"]
+            "--remote-command", f"echo $SSH_CONNECTION >> {seen}; exec vmrepl receive --state-dir {dst_state}"]
     result = json.loads(run_vmrepl("replicate", vm.name, "--json", *over, state_dir=src_state).stdout)
     assert [r["id"] for r in result] == [snap["id"]]
     assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
     run_vmrepl("verify", vm.name, *over, state_dir=src_state)
+    assert [line.split()[0] for line in seen.read_text().splitlines()] == [second_host.address] * 2
     (status,) = json.loads(run_vmrepl("status", "--json", state_dir=src_state).stdout)["vms"]
     assert [(t["host"], t["anchor"]) for t in status["targets"]] == [("backup", snap["id"])]
 
@@ -161,6 +167,8 @@ def test_bad_destination_is_a_usage_error(make_vm, src_state, run_vmrepl, bad):
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
     result = run_vmrepl("replicate", vm.name, "--to", bad, state_dir=src_state, check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"vmrepl: invalid destination {bad!r}: "), result.stderr
+    assert "; write [USER@]HOST[:PORT], e.g. " in result.stderr, result.stderr
 
 
 def test_a_chain_rewritten_behind_vmrepls_back_costs_only_the_differing_blocks(

@@ -132,7 +132,6 @@ def test_zero_disk_end_trailer_bytes_and_digests() -> None:
     out = io.BytesIO()
     w = wire.FrameWriter(out)
     w.write(header)
-    start = len(out.getvalue()) + w._fill - len(wire.MAGIC)  # nothing drained yet: all in the buffer
     data = wire.encode_data(0, b"a" * 5000)
     w.write_encoded(data)
     w.zero(8192, 4096)
@@ -140,9 +139,14 @@ def test_zero_disk_end_trailer_bytes_and_digests() -> None:
     end_b = w.end_disk()
     trailer = w.trailer()
     raw = out.getvalue()
-    body = json.dumps(wire._encode_body(header), separators=(",", ":"), ensure_ascii=False).encode()
-    assert raw[len(wire.MAGIC) + 5:len(wire.MAGIC) + 5 + len(body)] == body
-    stream = raw[len(wire.MAGIC) + start:]
+    # The SNAPSHOT body as "Frames" spells it: compact, keys in the listed order, disks as listed.
+    body = (b'{"id":"s1","name":"n","parent":null,"base":null,"created_ns":1,"generation":2,'
+            b'"definition":"<domain/>","disks":[{"target":"vda","virtual_size":1048576,"cluster_size":65536},'
+            b'{"target":"vdb","virtual_size":1048576,"cluster_size":65536}],"resume":{}}')
+    head = b"S" + len(body).to_bytes(4, "big")
+    snapshot_frame = head + body + xxhash.xxh3_64_digest(head + body)
+    assert raw[:len(wire.MAGIC) + len(snapshot_frame)] == wire.MAGIC + snapshot_frame
+    stream = raw[len(wire.MAGIC) + len(snapshot_frame):]
 
     zero = b"Z" + (8192).to_bytes(8, "big") + (4096).to_bytes(8, "big")
     disk_a = xxhash.xxh3_128(data.checksum + zero).digest()
@@ -363,11 +367,11 @@ def test_error_writer_sanitizes() -> None:
     assert got.kind == "VmreplError" and got.message.startswith("a b?ccc") and len(got.message) == 1000
 
 
-# --- code that contradicts the spec (these fail until the code is fixed) -----------------------------
+# --- where the code once contradicted the spec (fixed since; these keep it so) ----------------------
 
 def test_damaged_data_offset_is_a_retryable_checksum_mismatch() -> None:
     """FORMAT.md: the DATA checksum covers the frame's header, so a flipped offset is caught as a
-    checksum mismatch, retryable (damage in transit). The reader judges the offset first instead."""
+    checksum mismatch, retryable (damage in transit). The reader used to judge the offset first."""
     snap = control("SNAPSHOT", snapshot_body())
     frame = bytearray(data_frame(0, 0, 4096, b"q" * 4096, b"q" * 4096))
     frame[2] ^= 0x80                                # the offset's top bit: now far past the disk's end
@@ -377,8 +381,8 @@ def test_damaged_data_offset_is_a_retryable_checksum_mismatch() -> None:
 
 def test_verify_reply_is_null_for_a_snapshot_pruned_here(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """FORMAT.md: VERIFY_REPLY gives null for a snapshot the receiver does not hold. For a ghost row
-    (pruned here) the receiver answers {} instead (and for a source-side ghost, whose layers rows name
-    the layer below it, it would digest that layer)."""
+    (pruned here) the receiver used to answer {} (and for a source-side ghost, whose layers rows name
+    the layer below it, it would have digested that layer)."""
     from vmrepl.catalog import Catalog, Layer, Snapshot
     from vmrepl.sink.receive import _Session
     from vmrepl.sink.store import Store
@@ -394,8 +398,8 @@ def test_verify_reply_is_null_for_a_snapshot_pruned_here(tmp_path) -> None:  # t
 
 
 def test_a_zero_range_of_any_size_is_one_zero_frame() -> None:
-    """FORMAT.md: a zero range of any size costs one 25-byte ZERO frame. The sender cuts zero ranges
-    into 4 MiB pieces like data (replicate.py, `split` in `_stream_disk`): 256 frames for 1 GiB."""
+    """FORMAT.md: a zero range of any size costs one 25-byte ZERO frame. The sender used to cut zero
+    ranges into 4 MiB pieces like data (replicate.py, `split` in `_stream_disk`): 256 frames for 1 GiB."""
     import contextlib
     import types
 

@@ -98,17 +98,30 @@ def line(name: str, key: paramiko.PKey) -> str:
     return f"{name} {key.get_name()} {key.get_base64()}\n"
 
 
-def connect(name: str, identity: Path, known: Path, **kwargs) -> None:
+def connect(name: str, identity: Path, known: Path, **kwargs) -> tuple[str, paramiko.PKey]:
+    """Log in and out; the host key algorithm negotiated and the host key the server showed."""
     port = name.rsplit(":", 1)[1]
-    transport.connect(f"root@127.0.0.1:{port}", identity=identity, known_hosts=known, remote_command="true",
-                      **kwargs).close()
+    conn = transport.connect(f"root@127.0.0.1:{port}", identity=identity, known_hosts=known, remote_command="true",
+                             **kwargs)
+    try:
+        return conn.transport.host_key_type, conn.transport.get_remote_server_key()
+    finally:
+        conn.close()
+
+
+def unchanged(path: Path) -> tuple[int, int, str]:
+    """What shows a rewrite of a file, even with the same text: its inode, mtime and text."""
+    return path.stat().st_ino, path.stat().st_mtime_ns, path.read_text()
 
 
 def test_a_known_rsa_key_is_asked_for_though_the_host_prefers_ed25519(serve, keys, identity, home, tmp_path) -> None:
     name = serve(keys["ed25519"], keys["rsa"])
     known = tmp_path / "known_hosts"
     known.write_text(line(name, keys["rsa"]))
-    connect(name, identity, known)
+    before = unchanged(known)
+    kind, key = connect(name, identity, known)
+    assert kind in ("rsa-sha2-512", "rsa-sha2-256") and key.asbytes() == keys["rsa"].asbytes()  # not ed25519
+    assert unchanged(known) == before  # the ed25519 key is not recorded beside it
 
 
 def test_any_matching_line_of_the_key_type_counts(serve, keys, identity, home, tmp_path) -> None:
@@ -116,7 +129,10 @@ def test_any_matching_line_of_the_key_type_counts(serve, keys, identity, home, t
     name = serve(keys["ed25519"])
     known = tmp_path / "known_hosts"
     known.write_text(line(name, old) + line(name, keys["ed25519"]))
-    connect(name, identity, known)
+    before = unchanged(known)
+    kind, key = connect(name, identity, known)
+    assert kind == "ssh-ed25519" and key.asbytes() == keys["ed25519"].asbytes()
+    assert unchanged(known) == before  # the first line is not taken for a change, nor replaced
 
 
 def test_a_changed_key_of_a_known_type_is_refused(serve, keys, identity, home, tmp_path) -> None:

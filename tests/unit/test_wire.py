@@ -288,8 +288,19 @@ def test_zero_ranges_cost_a_fixed_few_bytes() -> None:
 
 def test_compressible_data_is_compressed_and_reads_back() -> None:
     data = bytes(range(256)) * (wire.MAX_DATA // 256)
-    frame = wire.encode_data(0, data)
-    assert frame.wire_bytes < len(data) // 20
+    frame = wire.encode_data(3 << 20, data)
+    assert frame.head[1] == wire.CODEC_ZSTD and frame.wire_bytes < len(data) // 20
+    out = io.BytesIO()  # a reader takes DATA only inside a snapshot, after the hello
+    w = FrameWriter(out)
+    w.write(Hello(vm_uuid=VM, vm_name="web"))
+    w.write(HEADER)
+    w.write_encoded(frame)
+    w.flush()
+    r = FrameReader(io.BytesIO(out.getvalue()))
+    assert [type(r.read()) for _ in range(2)] == [Hello, SnapshotHeader]
+    got = r.read()
+    assert (got.disk, got.offset, got.wire_bytes) == ("vda", 3 << 20, frame.wire_bytes)
+    assert bytes(got.data) == data
 
 
 extents = st.lists(st.tuples(st.integers(0, 3), st.booleans(), st.binary(min_size=1, max_size=3000)), max_size=8)
