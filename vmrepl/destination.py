@@ -142,8 +142,11 @@ def _route(text: str, config: _Config | None, depth: int, direct: bool = False) 
         return [hop]
     jumps = options.get("proxyjump", "none")
     order = list(options)  # paramiko keeps the order values were obtained in: the first of the two wins
-    if options.get("proxycommand") is not None and (
-            jumps.lower() == "none" or order.index("proxycommand") < order.index("proxyjump")):
+    command_first = "proxycommand" in options and (
+        "proxyjump" not in options or order.index("proxycommand") < order.index("proxyjump"))
+    if command_first and options["proxycommand"] is None:  # `ProxyCommand none` (paramiko: None): direct
+        return [hop]
+    if options.get("proxycommand") is not None and (jumps.lower() == "none" or command_first):
         assert config is not None
         raise UsageError(f"{config.path} gives {host} a ProxyCommand, which vmrepl does not run",
                          hint="reach it with ProxyJump instead (vmrepl tunnels through jump hosts itself)")
@@ -173,7 +176,7 @@ class _Config:
                              hint="check its permissions, or pass --ssh-config none") from None
         try:
             self._config = paramiko.SSHConfig.from_text(text)
-        except paramiko.SSHException as err:  # ConfigParseError: a line it cannot read
+        except (paramiko.SSHException, ValueError) as err:  # ConfigParseError; shlex's, on a Match line
             raise UsageError(f"cannot parse ssh config {path}: {err}", hint="fix that line") from None
         _refuse_what_vmrepl_does_not_follow(path, text)
 
@@ -195,6 +198,9 @@ class _Config:
             raise UsageError(f"ssh config {self.path} gives {host} a bad {key} {options[key]!r}",
                              hint="give a time such as 30, 30s or 2m")
         value = sum(int(n) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[u] for n, u in parts)
+        if value > 2**31 - 1:  # as ssh: an invalid time (and beyond what a socket timeout takes)
+            raise UsageError(f"ssh config {self.path} gives {host} a bad {key} {options[key]!r}",
+                             hint="give a time such as 30, 30s or 2m")
         return value or None
 
     def number(self, options: dict[str, Any], key: str, host: str, high: int) -> int:

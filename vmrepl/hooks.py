@@ -32,7 +32,7 @@ def run_hooks(directory: Path, phase: str, env: dict[str, str]) -> None:
     for hook in sorted(p for p in directory.iterdir() if p.is_file() and os.access(p, os.X_OK)):
         # stderr into a file, not a pipe: a hook that leaves a child behind (e.g. a session holding a
         # database's read lock until the post hook) would otherwise keep the pipe open until the timeout.
-        with tempfile.TemporaryFile("w+") as errors:
+        with tempfile.TemporaryFile("w+", errors="replace") as errors:
             try:
                 done = subprocess.run([str(hook), phase], env={**os.environ, **env, "VMREPL_PHASE": phase},
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,

@@ -201,20 +201,20 @@ def test_a_failing_post_hook_names_the_snapshot_it_follows(make_vm, src_state, r
     vm = make_vm()
     hooks = src_state / "hooks"
     hooks.mkdir()
-    (hooks / "10-thaw").write_text("#!/bin/sh\n[ \"$VMREPL_PHASE\" = post-snapshot ] && "
-                                   "{ echo 'cannot thaw' >&2; exit 4; }\nexit 0\n")
+    (hooks / "10-thaw").write_text("#!/bin/sh\n[ \"$VMREPL_PHASE\" = post-snapshot ] && "  # \351: not UTF-8
+                                   "{ printf 'cannot thaw caf\\351\\n' >&2; exit 4; }\nexit 0\n")
     (hooks / "10-thaw").chmod(0o755)
     taken = run_vmrepl("snapshot", vm.name, "--name", "nightly", state_dir=src_state, check=False)
     (held,) = run_vmrepl("list", vm.name, "--json", state_dir=src_state).json()
     assert (taken.returncode, taken.stdout, taken.stderr.splitlines()) == (1, "", [
         f"vmrepl: snapshot nightly ({held['id']}) was taken, but post-snapshot hook 10-thaw failed (exit 4): "
-        "cannot thaw; fix the hook or remove it from the hooks directory"])
+        "cannot thaw caf\ufffd; fix the hook or remove it from the hooks directory"])
     (hooks / "05-freeze").write_text("#!/bin/sh\n[ \"$VMREPL_PHASE\" = pre-snapshot ] && "
                                      "{ echo 'will not freeze' >&2; exit 3; }\nexit 0\n")
     (hooks / "05-freeze").chmod(0o755)
     refused = run_vmrepl("snapshot", vm.name, state_dir=src_state, check=False)
     assert refused.returncode == 1 and refused.stderr.splitlines() == [
-        "vmrepl: WARNING: post-snapshot hook 10-thaw failed (exit 4): cannot thaw; "
+        "vmrepl: WARNING: post-snapshot hook 10-thaw failed (exit 4): cannot thaw caf\ufffd; "
         "fix the hook or remove it from the hooks directory",
         "vmrepl: pre-snapshot hook 05-freeze failed (exit 3): will not freeze; "
         "fix the hook or remove it from the hooks directory"]

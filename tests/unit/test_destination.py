@@ -122,6 +122,8 @@ Host outer
     ("Match exec \"true\"\n    User x\n", "has a `Match exec` line, which vmrepl does not run"),
     ("Host a\n    Port ssh\n", "gives a a bad port 'ssh'; give a number from 1 to 65535"),
     ("Host a\n    ConnectTimeout soon\n", "gives a a bad connecttimeout 'soon'; give a time"),
+    ("Host a\n    ConnectTimeout 1000000000000\n", "gives a a bad connecttimeout '1000000000000'"),
+    ("Match host \"a\n    User x\n", "cannot parse ssh config .*: No closing quotation"),
     ("Match e\\xec \"true\"\n    User x\n", "has a `Match exec` line"),  # shell quoting hides no exec
     ("Match host b !exec \"true\"\n    User x\n", "has a `Match exec` line"),
     ("Include other.conf\nHost a\n    User x\n", "has an `Include` line, which vmrepl does not follow"),
@@ -164,3 +166,13 @@ Match host exec.example.org
     assert route("exec.example.org", cfg)[0].user == "matched"  # a host named exec... is no `Match exec`
     with pytest.raises(UsageError, match="bad port"):
         route("a:\u00b2")
+
+
+def test_proxycommand_none_first_means_direct(config) -> None:
+    """The usual way to exempt one host from a `Host *` jump: `ProxyCommand none` (or `ProxyJump none`)
+    in its own block, which comes first; ssh then connects directly."""
+    cfg = config("Host backup1\n    ProxyCommand none\nHost bastion backup2\n    ProxyJump none\n"
+                 "Host *\n    ProxyJump bastion\n")
+    assert [h.host for h in route("backup1", cfg)] == ["backup1"]
+    assert [h.host for h in route("backup2", cfg)] == ["backup2"]
+    assert [h.host for h in route("other", cfg)] == ["bastion", "other"]

@@ -52,9 +52,10 @@ def hook_event(env: Env, vm: str, operation: str) -> None:
         return
     try:
         with locked_domain(env, vm, wait_at_least=600) as (dom, catalog):
-            reason = dom.state()[1]
-            if reason in (libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED, libvirt.VIR_DOMAIN_SHUTOFF_SAVED):
-                click.echo(f"{stamp} {vm} {'migrated' if reason == libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED else 'saved'}: no snapshot")
+            state, reason = dom.state()  # a reason's number means something else in another state
+            gone = {libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated", libvirt.VIR_DOMAIN_SHUTOFF_SAVED: "saved"}
+            if state == libvirt.VIR_DOMAIN_SHUTOFF and reason in gone:
+                click.echo(f"{stamp} {vm} {gone[reason]}: no snapshot")
                 return
             snap = take_snapshot(dom.connect(), dom, catalog, name=None, quiesce=False,
                                  hooks_dir=hooks_dir(env.state_dir))

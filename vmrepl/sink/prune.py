@@ -37,12 +37,13 @@ def plan(store: Store, vm_uuid: str, keep: set[str], *, without_partial: bool = 
     neither their base nor their layers keep anything."""
     snaps = store.held(vm_uuid)
     protected = {snaps[-1].id: "the newest snapshot: the next delta from the source is based on it"} if snaps else {}
-    for partial in [] if without_partial else store.partial_transfers(vm_uuid):  # read-only, for --dry-run too
+    partials = store.partial_transfers(vm_uuid)  # read-only: --dry-run changes nothing
+    for partial in [] if without_partial else partials:
         if partial.base_id:
             protected.setdefault(partial.base_id, "the base of an interrupted transfer, which the next replicate "
                                                   "resumes")
     recovered = store.vm_dir(vm_uuid) / "recovered"
-    dropped = {layer for t in store.partial_transfers(vm_uuid)
+    dropped = {layer for t in partials
                for layer in store.uncommitted_layers(vm_uuid, t.snapshot_id)} if without_partial else set()
     standing = {base: above - dropped for base, above in files_standing_on(store).items()}
     for snap, younger in zip(snaps, snaps[1:]):

@@ -40,7 +40,8 @@ def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, over
     made: list[Path] = []
     try:
         if not keep_uuid:
-            made += _own_nvram(root, overlay_dir / f"{name}_VARS.fd")
+            # a received snapshot's definition names a store on the host it came from: none to copy here
+            made += _own_nvram(root, overlay_dir / f"{name}_VARS.fd", copy=snap.origin == "local")
         for disk in root.iterfind("./devices/disk"):
             target = disk.find("target").get("dev")
             source = disk.find("source")
@@ -70,19 +71,29 @@ def define_on_snapshot(conn: libvirt.virConnect, snap: Snapshot, name: str, over
         raise
 
 
-def _own_nvram(root: ET.Element, copy: Path) -> list[Path]:
-    """Give a copy of a domain its own UEFI variable store: a copy of the origin's as it is now (as
-    virt-clone does), not the origin's file, which both would write. Without a file to copy, libvirt
-    makes a fresh one from the firmware's template. Returns the file made."""
+def _own_nvram(root: ET.Element, path: Path, *, copy: bool) -> list[Path]:
+    """Give a domain under a new name a UEFI variable store of its own, never its origin's (both would
+    write it): with `copy`, a copy of the store the definition names, as it is now, at `path` (as
+    virt-clone does); otherwise, or when there is no such file, the name is dropped and libvirt makes a
+    fresh store from the firmware's template. Returns the file made."""
     nvram = root.find("./os/nvram")
     if nvram is None:
-        return []
+        return []  # the firmware is left to libvirt (`<os firmware='efi'>`): it names a store per domain
     source = Path(nvram.text.strip()) if nvram.text and nvram.text.strip() else None
-    if source is None or not source.is_file():
-        root.find("os").remove(nvram)
+    if not copy or source is None or not source.is_file():
+        if nvram.attrib:
+            nvram.text = None  # keeps template=: libvirt names the new store and fills it from that
+        else:
+            root.find("os").remove(nvram)
         return []
-    if copy.exists():
-        raise SourceError(f"{copy} already exists", hint="remove it or pick another name")
-    write_file_durably(copy, source.read_bytes())
-    nvram.text = str(copy)
-    return [copy]
+    if path.exists():
+        raise SourceError(f"{path} already exists", hint="remove it or pick another name")
+    try:
+        write_file_durably(path, source.read_bytes())
+        path.chmod(0o600)  # as libvirt keeps its stores
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise SourceError(f"cannot copy the UEFI variable store {source}: {err.strerror or err}",
+                          hint="check the space and permissions there") from None
+    nvram.text = str(path)
+    return [path]

@@ -32,12 +32,12 @@ EXPORT = "vmrepl-live"
 @contextlib.contextmanager
 def live_export(dom: libvirt.virDomain, node: str, image: str, *, with_bitmap: bool) -> Iterator[nbd.NBD]:
     """A libnbd handle on the running domain's `node` (its active layer over its chain)."""
+    _clear_leftovers(dom, node)  # of a run killed before its cleanup (SIGTERM, SIGKILL); the caller holds the lock
     directory = tempfile.mkdtemp(prefix="vmrepl-live-", dir="/run")
     # QEMU runs as its own user (the owner of the image it holds): let it create the socket here.
     os.chown(directory, os.stat(image).st_uid, -1)
     socket = os.path.join(directory, "nbd.sock")
     steps: list[tuple[str, dict]] = []  # what to undo, newest first
-    _clear_leftovers(dom, node)  # of a run killed before its cleanup (SIGTERM, SIGKILL); the caller holds the VM lock
     try:
         if with_bitmap:
             domain.monitor(dom, "transaction", actions=[
