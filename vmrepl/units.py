@@ -1,4 +1,4 @@
-"""Byte counts and instants as people read them in text output (JSON keeps plain integers)."""
+"""Byte counts, durations and instants as people read them in text output (JSON keeps plain numbers)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,17 @@ def human_bytes(count: int) -> str:
 def local_time(ns: int) -> str:
     """'2026-11-25 16:08:27': nanoseconds since the epoch, in this host's time zone."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+def human_duration(seconds: float) -> str:
+    """'45s', '17m02s', '3h05m', '2d04h': the two largest units, as a lag is read at a glance."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

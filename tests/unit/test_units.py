@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vmrepl.units import human_bytes, local_time
+from vmrepl.units import human_bytes, human_duration, local_time
 
 
 @pytest.mark.parametrize("count, text", [
@@ -26,3 +26,9 @@ def test_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (59.9, "59s"), (60, "1m00s"), (1022.6, "17m02s"),
+                                           (3600, "1h00m"), (11_100, "3h05m"), (187_200, "2d04h")])
+def test_human_duration(seconds: float, text: str) -> None:
+    assert human_duration(seconds) == text

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..units import human_bytes, local_time
+from ..units import human_bytes, human_duration, local_time
 from .common import Env, format_table, global_options, pass_env
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def status(env: Env) -> None:
         for vm in vms:
             for t in vm["targets"] or [{"host": "-", "anchor": None, "lag_seconds": None, "last_result": ""}]:
                 rows.append([vm["vm"], vm["snapshots"], (vm["newest"] or "-")[:8], t["host"],
-                             (t["anchor"] or "-")[:8], "-" if t["lag_seconds"] is None else f"{t['lag_seconds']}s",
+                             (t["anchor"] or "-")[:8], "-" if t["lag_seconds"] is None else human_duration(t["lag_seconds"]),
                              t["last_result"] or "-"])
         table = format_table(["VM", "SNAPSHOTS", "NEWEST", "TARGET", "ANCHOR", "LAG", "LAST"], rows)
         return "\n".join([table, *_partial_lines(vms)])
