@@ -99,16 +99,16 @@ class Store:
             except (ValueError, KeyError, TypeError):
                 path.unlink()  # a progress file we cannot read only costs a restart of that transfer
                 continue
-            if not self._committed(progress):
+            if not self._committed(vm_uuid, progress):
                 return progress
             path.unlink()
         return None
 
-    def _committed(self, progress: Progress) -> bool:
-        """Its snapshot is held: the progress file was left by a commit that stopped after its catalog
-        row (FORMAT.md, "Committing a snapshot", step 6), and nothing is partial."""
+    def _committed(self, vm_uuid: str, progress: Progress) -> bool:
+        """Its snapshot is held, as this VM's: the progress file was left by a commit that stopped after
+        its catalog row (FORMAT.md, "Committing a snapshot", step 6), and nothing is partial."""
         known = self.catalog.find_snapshot(progress.snapshot_id)
-        return known is not None and known.held
+        return known is not None and known.held and known.vm_uuid == vm_uuid
 
     def partial_vms(self) -> list[str]:
         """Uuids of the VMs with a progress file here, catalogued or not (a first full send that stopped
@@ -127,7 +127,7 @@ class Store:
                 layers = self.uncommitted_layers(vm_uuid, progress.snapshot_id)
             except (OSError, ValueError, KeyError, TypeError, UsageError):
                 continue  # unreadable, or just removed by a commit: the next receive deletes the former
-            if self._committed(progress):
+            if self._committed(vm_uuid, progress):
                 continue
             found.append(PartialTransfer(progress.snapshot_id, progress.base_id, since_ns,
                                          sum(_allocated(layer) for layer in layers), progress.vm_name))
