@@ -3,8 +3,10 @@ domain start and shutdown to a detached `vmrepl hook-event` without deadlocking 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -41,19 +43,31 @@ def wait_for(condition, what: str, seconds: float = 40.0):  # type: ignore[no-un
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.restarts_libvirtd
-def test_hook_reacts_to_start_and_shutdown_after_a_libvirtd_restart(work_dir, src_state, run_vmrepl):
+@contextlib.contextmanager
+def hook_env(text: str) -> Iterator[None]:
+    """/etc/vmrepl/hook.env holding `text` for the block (the installed hook reads it), then as it was."""
     assert INSTALLED.read_bytes() == (ROOT / "hooks" / "qemu").read_bytes(), "run scripts/setup.sh"
-    log = work_dir / "hook.log"
     saved = HOOK_ENV.read_bytes() if HOOK_ENV.exists() else None
     HOOK_ENV.parent.mkdir(exist_ok=True)
-    HOOK_ENV.write_text(f"VMREPL_STATE_DIR={src_state}\nVMREPL_HOOK_LOG={log}\n")
-    conn = None
+    HOOK_ENV.write_text(text)
     try:
+        yield
+    finally:
+        if saved is None:
+            HOOK_ENV.unlink(missing_ok=True)
+        else:
+            HOOK_ENV.write_bytes(saved)
+
+
+@pytest.mark.restarts_libvirtd
+def test_hook_reacts_to_start_and_shutdown_after_a_libvirtd_restart(work_dir, src_state, run_vmrepl):
+    log = work_dir / "hook.log"
+    with hook_env(f"VMREPL_STATE_DIR={src_state}\nVMREPL_HOOK_LOG={log}\n"):
         restart_libvirtd()
         conn = libvirt.open("qemu:///system")
-        vm = create_vm(conn, {"vda": 16 << 20}, label="hook")
+        vm = None
         try:
+            vm = create_vm(conn, {"vda": 16 << 20}, label="hook")
             first = wait_for(lambda: log.exists() and log.read_text(), "the started hook")
             assert f"{vm.name} started: " in first
             run_vmrepl("snapshot", vm.name, state_dir=src_state)
@@ -67,13 +81,8 @@ def test_hook_reacts_to_start_and_shutdown_after_a_libvirtd_restart(work_dir, sr
             wait_for(lambda: f"{vm.name} started: change tracking ok" in log.read_text(), "the second start")
             assert conn.lookupByName(vm.name).isActive()
         finally:
-            vm.remove()
-    finally:
-        if saved is None:
-            HOOK_ENV.unlink(missing_ok=True)
-        else:
-            HOOK_ENV.write_bytes(saved)
-        if conn is not None:
+            if vm is not None:
+                vm.remove()
             conn.close()
 
 
@@ -81,11 +90,7 @@ def test_a_broken_hook_env_never_stops_a_domain(work_dir, libvirt_conn):
     """libvirtd refuses to start (prepare, start) or stops (started) a domain whose hook exits non-zero,
     and the hook sits in qemu.d/, so it runs for every domain of the host: whatever /etc/vmrepl/hook.env
     holds, the script exits 0."""
-    assert INSTALLED.read_bytes() == (ROOT / "hooks" / "qemu").read_bytes(), "run scripts/setup.sh"
-    saved = HOOK_ENV.read_bytes() if HOOK_ENV.exists() else None
-    HOOK_ENV.parent.mkdir(exist_ok=True)
-    HOOK_ENV.write_text("VMREPL_STATE_DIR=( not shell\n")
-    try:
+    with hook_env("VMREPL_STATE_DIR=( not shell\n"):
         for operation in ("prepare", "start", "started", "stopped", "release"):
             done = subprocess.run([ROOT / "hooks" / "qemu", "-web1", operation, "begin", "-"], input=b"<domain/>",
                                   capture_output=True, timeout=10)
@@ -95,8 +100,3 @@ def test_a_broken_hook_env_never_stops_a_domain(work_dir, libvirt_conn):
             assert vm.is_running()
         finally:
             vm.remove()
-    finally:
-        if saved is None:
-            HOOK_ENV.unlink(missing_ok=True)
-        else:
-            HOOK_ENV.write_bytes(saved)
