@@ -545,4 +545,5 @@ def _load_key(path: Path) -> paramiko.PKey:
                         hint="load it into ssh-agent (ssh-add) and leave out --identity: with it, vmrepl uses "
                              "only that file") from None
     except (OSError, paramiko.SSHException, ValueError) as err:
-        raise AuthError(f"cannot load identity {path}: {err}", hint="pass an OpenSSH private key file") from None
+        why = re.sub(r"\s*See https?://\S+ for more details\.", "", str(err))  # cryptography's FAQ link
+        raise AuthError(f"cannot load identity {path}: {why}", hint="pass an OpenSSH private key file") from None
