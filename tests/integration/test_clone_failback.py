@@ -88,12 +88,14 @@ def test_a_uefi_clone_gets_a_variable_store_of_its_own(make_vm, libvirt_conn, sr
         remove_domain(libvirt_conn, name)
 
 
+@pytest.mark.parametrize("firmware", ["bios", "efi"])
 def test_failover_to_the_destinations_libvirtd_and_failback_as_a_delta(make_vm, second_host, dst_libvirt,
-                                                                      src_state, dst_state, run_vmrepl):
+                                                                      src_state, dst_state, run_vmrepl, firmware):
     """The VM comes up on the second host's own libvirtd with its name and UUID, runs and is snapshotted
-    there, and goes back to the original host as a delta on the anchor."""
+    there, and goes back to the original host as a delta on the anchor. A UEFI VM too: its definition
+    names its firmware, and the second host's libvirt gives it a variable store of its own."""
     uri, dst_conn = dst_libvirt
-    vm = make_vm({"vda": 64 * MiB, "vdb": 32 * MiB})
+    vm = make_vm({"vda": 64 * MiB, "vdb": 32 * MiB}, firmware=firmware)
     vm.write_random("vda", 0, 4 * MiB)
     run_vmrepl("snapshot", vm.name, state_dir=src_state)
     anchor = run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()
@@ -107,6 +109,7 @@ def test_failover_to_the_destinations_libvirtd_and_failback_as_a_delta(make_vm, 
         there = VM(dst_conn, vm.name, vm.dir)
         assert there.is_running() and vm.name not in [d.name() for d in vm.conn.listAllDomains(
             libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+        assert (there.xml().findtext("./os/nvram") is not None) == (firmware == "efi")  # booted on OVMF there
         there.write_random("vdb", 8 * MiB, MiB)
         after = run_vmrepl("snapshot", vm.name, "--connect", uri, "--json", state_dir=dst_state).json()
         assert after["parent"] == anchor["id"] and after["generation"] == anchor["generation"] + 1
