@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import calendar
+import dataclasses
 
 import pytest
 
@@ -32,7 +33,16 @@ def test_grid(spec, kept):
     assert to_keep(SNAPS, parse_keep(spec)) == kept
 
 
-@pytest.mark.parametrize("spec", ["", "last", "yearly=1", "last=-1", "daily=x", "last=2;daily=3"])
+@pytest.mark.parametrize("spec", ["", "last", "yearly=1", "last=-1", "daily=x", "last=2;daily=3",
+                                  "last=\u00b2", "last=\u0663", "last=" + "9" * 5000, "daily=30,daily=7"])
 def test_bad_spec_is_a_usage_error(spec):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as err:
         parse_keep(spec)
+    assert "\n" not in str(err.value) and err.value.hint
+
+
+def test_one_nanosecond_before_midnight_is_that_day():
+    """Seconds as a float round 23:59:59.999999999 up into the next day, whose snapshot then took its place."""
+    midnight = snap("a", "2026-11-02 00:00")
+    a = dataclasses.replace(midnight, created_ns=midnight.created_ns - 1)
+    assert to_keep([a, snap("b", "2026-11-02 12:00")], parse_keep("daily=2")) == {"a", "b"}
