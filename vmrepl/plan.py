@@ -42,6 +42,7 @@ class HeldSnapshot:
     created_ns: int
     generation: int
     name: str = ""
+    parent: str | None = None  # as the destination recorded it: links the walk past snapshots the source lacks
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def plan(lineage: Sequence[SourceSnapshot], held: Sequence[HeldSnapshot], *,
     the planned VM that is on the source, not held and not `pruned` on the destination), oldest
     first, or with `latest_first` the newest first and then the rest oldest first. Skip steps
     (wanted ids already held) come first."""
-    tree = _Lineage(lineage)
+    tree = _Lineage(lineage, {h.id: h.parent for h in held})
     holdings = {h.id: tree.held_age(h) for h in held}
     labels = {h.id: h.name or h.id for h in held} | {s.id: s.name or s.id for s in lineage}
     skips: list[Step] = []
@@ -114,6 +115,8 @@ def _step(tree: _Lineage, snap: SourceSnapshot, holdings: dict[str, Age], labels
         known = tree.snaps.get(ancestor)
         if known is None:
             notes.append(f"{labels[ancestor]} unknown to the source, which cannot diff from it")
+        elif tree.age(known) >= tree.age(snap):  # reached through a destination's inconsistent parent
+            break
         elif not known.tracked:
             lost = "its change tracking is lost on the source" if known.on_source else \
                 "deleted on the source and no longer tracked"
@@ -150,7 +153,8 @@ def _step(tree: _Lineage, snap: SourceSnapshot, holdings: dict[str, Age], labels
 class _Lineage:
     """The source lineage indexed by id, with each VM's clone depth; rejects an inconsistent one."""
 
-    def __init__(self, lineage: Sequence[SourceSnapshot]) -> None:
+    def __init__(self, lineage: Sequence[SourceSnapshot], held_parents: Mapping[str, str | None]) -> None:
+        self.held_parents = held_parents  # each held snapshot's parent, as the destination recorded it
         self.snaps: dict[str, SourceSnapshot] = {}
         for snap in lineage:
             if snap.id in self.snaps:
@@ -200,12 +204,14 @@ class _Lineage:
         return self.rank[snap.vm] == self.planned_rank
 
     def ancestors(self, snap: SourceSnapshot) -> Iterator[str]:
-        """Ids of the ancestors, nearest first; ends with a parent id the lineage does not know."""
-        parent = snap.parent
-        while parent is not None:
+        """Ids of the ancestors, nearest first; past one the source does not know, the walk follows the
+        parent the destination recorded for it, and ends where neither knows more."""
+        parent, seen = snap.parent, {snap.id}
+        while parent is not None and parent not in seen:
+            seen.add(parent)
             yield parent
             known = self.snaps.get(parent)
-            parent = known.parent if known is not None else None
+            parent = known.parent if known is not None else self.held_parents.get(parent)
 
 
 def render(steps: Sequence[Step], names: Mapping[str, str] | None = None,

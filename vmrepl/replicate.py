@@ -138,7 +138,7 @@ class Session:
                 # which a send of this VM neither inserts into nor rebases.
                 held += [h for h in other.held.snapshots if h.id in ancestor_ids]
         return planner.plan(lineage, [planner.HeldSnapshot(id=h.id, created_ns=h.created_ns, generation=h.generation,
-                                                           name=self._name(h.id)) for h in held],
+                                                           name=self._name(h.id), parent=h.parent) for h in held],
                             want=want, latest_first=latest_first, pruned=set(self.held.pruned))
 
     def _ancestors(self, own: list[Snapshot]) -> list[Snapshot]:

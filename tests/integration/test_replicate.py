@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed import public_dir
 from vmrepl.qemu import img
 
 MiB = 1 << 20
@@ -215,3 +216,27 @@ def test_source_disks_of_other_cluster_sizes(make_vm, second_host, src_state, ds
         assert sent["bytes_changed"] >= 4096 + 65536 and sent["bytes_sent"] < 4096 + 16 * 1024, sent
         assert_destination_matches(run_vmrepl, src_state, dst_state, vm)
     run_vmrepl("verify", vm.name, *second_host.vmrepl_args(dst_state), state_dir=src_state)
+
+
+def test_a_gap_on_the_sending_host_costs_no_full_send(make_vm, second_host, src_state, dst_state, work_dir,
+                                                      run_vmrepl):
+    """Host B holds g1 and g3 but never got g2 (sent with --snapshot, or a --latest-first run stopped
+    before its backfill); host C holds g1 and g2. When B sends g3 on to C (after a failover, say), its
+    base is g1, found through the parent C recorded for g2: a delta, not the whole disk again."""
+    vm = make_vm({"vda": 64 * MiB})
+    ids = []
+    for i, byte in enumerate((0x11, 0x22, 0x33)):
+        vm.write_pattern("vda", 8 * MiB * i, 4 * MiB, byte)
+        vm.write_random("vda", 8 * MiB * i + 4 * MiB, 4 * MiB)
+        if i == 2:
+            vm.write_pattern("vda", 0, MiB, 0x44)  # g3 also rewrites some of what g1 held
+        ids.append(run_vmrepl("snapshot", vm.name, "--json", state_dir=src_state).json()["id"])
+    third = public_dir(work_dir / "third-state")
+    to_b, to_c = second_host.vmrepl_args(dst_state), second_host.vmrepl_args(third)
+    for snapshot, destination in ((ids[0], to_b), (ids[2], to_b), (ids[0], to_c), (ids[1], to_c)):
+        run_vmrepl("replicate", vm.name, "--snapshot", snapshot, *destination, state_dir=src_state)
+    (sent,) = run_vmrepl("replicate", vm.name, "--json", *to_c, state_dir=dst_state).json()  # B to C
+    assert (sent["id"], sent["base"]) == (ids[2], ids[0])
+    assert sent["bytes_changed"] == 17 * MiB and sent["bytes_sent"] < 10 * MiB, sent  # g2's and g3's changes
+    run_vmrepl("verify", vm.name, *to_c, state_dir=dst_state)
+    run_vmrepl("verify", vm.name, *to_c, state_dir=src_state)  # and C's g3 is the original's

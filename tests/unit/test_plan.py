@@ -289,3 +289,19 @@ def test_worked_example_of_docs_planning() -> None:
         " before g6 (g6 is rebased onto it)")
     later = plan(lineage, holding(lineage, "g1"), latest_first=True)
     assert triples(later) == [("g6", "g1", "g1", None), ("g4", "g1", "g1", "g6"), ("g5", "g4", "g4", "g6")]
+
+
+def test_walk_continues_past_an_ancestor_the_source_lacks() -> None:
+    # This source received g3 but never g2 (an interrupted --latest-first backfill, or --snapshot g3);
+    # the destination holds g2 and says its parent is g1, which the source has: g1 is the base, not a full send.
+    lineage = [src("g1", 1), src("g3", 3, "g2")]
+    held = [HeldSnapshot("g1", 1000, 1), HeldSnapshot("g2", 2000, 2, parent="g1")]
+    steps = plan(lineage, held)
+    assert triples(steps) == [("g3", "g1", "g2", None)]
+    assert "g2 unknown to the source" in steps[0].reason
+    # A destination that reports a cycle does not hang the walk.
+    assert triples(plan([src("g3", 3, "g2")], [HeldSnapshot("g2", 2000, 2, parent="g2")])) == [("g3", None, "g2", None)]
+    # nor does one that names a younger snapshot as the parent lead to a younger base
+    lineage = [src("g3", 3, "g2"), src("g4", 4, "g3")]
+    held = [HeldSnapshot("g2", 2000, 2, parent="g4"), HeldSnapshot("g4", 4000, 4)]
+    assert triples(plan(lineage, held, want=["g3"])) == [("g3", None, "g2", "g4")]
