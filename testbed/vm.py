@@ -188,6 +188,7 @@ def create_vm(conn: libvirt.virConnect, disks: Mapping[str, int] | None = None, 
     """Define (and by default start) a VM with one empty qcow2 image per disk, `{target: size}`;
     `firmware='efi'`: UEFI (OVMF, chosen by libvirt), with a variable store of its own."""
     name = vm_name(label)
+    efi = firmware == "efi"
     directory = public_dir(VMS_DIR / name)
     disk_xml = []
     for target, size in (disks or DEFAULT_DISKS).items():
@@ -203,8 +204,9 @@ def create_vm(conn: libvirt.virConnect, disks: Mapping[str, int] | None = None, 
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
-  <os{" firmware='efi'" if firmware == "efi" else ""}><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/>{EFI_WITHOUT_SMM if firmware == "efi" else ""}</os>
-  {"<features><acpi/><smm state='off'/></features>" if firmware == "efi" else ""}
+  <os{" firmware='efi'" if efi else ""}><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/>
+    {EFI_WITHOUT_SMM if efi else ""}</os>
+  {"<features><acpi/><smm state='off'/></features>" if efi else ""}
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
   <devices>{''.join(disk_xml)}

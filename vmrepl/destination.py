@@ -22,6 +22,7 @@ from .errors import UsageError
 
 DEFAULT_SSH_CONFIG = "~/.ssh/config"
 MAX_HOPS = 8  # a jump host that (through others) names itself is a loop, not a route
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}  # ssh_config(5), TIME FORMATS
 
 
 @dataclass(frozen=True)
@@ -194,11 +195,9 @@ class _Config:
         if text == "none":
             return None
         parts = re.findall(r"([0-9]+)([smhdw]?)", text)
-        if "".join(a + b for a, b in parts) != text or not parts:
-            raise UsageError(f"ssh config {self.path} gives {host} a bad {key} {options[key]!r}",
-                             hint="give a time such as 30, 30s or 2m")
-        value = sum(int(n) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[u] for n, u in parts)
-        if value > 2**31 - 1:  # as ssh: an invalid time (and beyond what a socket timeout takes)
+        well_formed = bool(parts) and "".join(a + b for a, b in parts) == text
+        value = sum(int(n) * _TIME_UNITS[u] for n, u in parts) if well_formed else -1
+        if not 0 <= value <= 2**31 - 1:  # as ssh: beyond that is no time (nor a socket timeout)
             raise UsageError(f"ssh config {self.path} gives {host} a bad {key} {options[key]!r}",
                              hint="give a time such as 30, 30s or 2m")
         return value or None

@@ -36,7 +36,7 @@ def run_hooks(directory: Path, phase: str, env: dict[str, str]) -> None:
             try:
                 done = subprocess.run([str(hook), phase], env={**os.environ, **env, "VMREPL_PHASE": phase},
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                                      text=True, timeout=HOOK_TIMEOUT_SECONDS)
+                                      timeout=HOOK_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
                 raise HookError(f"{phase} hook {hook} did not finish in {HOOK_TIMEOUT_SECONDS} s") from None
             except OSError as err:

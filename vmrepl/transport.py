@@ -6,8 +6,7 @@ client config (jump hosts first, each tunnelled through the one before). Host ke
 strictly (~/.ssh/known_hosts or UserKnownHostsFile, plus `--known-hosts`); an unknown key is refused
 unless the caller or the config accepts new keys, a changed key always is. The remote stderr is
 drained by a thread (so a chatty remote cannot stall the channel) and named in the error when the
-remote command fails. docs/SSH.md shows the authorized_keys line
-that pins the receiver.
+remote command fails. docs/SSH.md shows the authorized_keys line that pins the receiver.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def take_snapshot(conn: libvirt.virConnect, dom: libvirt.virDomain, catalog: Cat
     if not running and dom.hasManagedSaveImage(0):
         raise SourceError(f"{vm_name} has a managed save image: restoring it would run on the disks as saved, "
                           "bypassing a snapshot's new overlays and writing its frozen layers",
-                          hint="start the domain and snapshot it running, or drop the image (virsh managedsave-remove)")
+                          hint="start the domain and snapshot it running, or drop the image "
+                               "(virsh managedsave-remove)")
     disks = domain.disks(dom)
     snapshot_id = str(uuidlib.uuid4())
     overlays = {d.target: _overlay_path(d, vm_name, name) for d in disks}
