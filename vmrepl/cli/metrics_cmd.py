@@ -29,22 +29,23 @@ def _labels(labels: dict[str, str]) -> str:
 def metrics(env: Env) -> None:
     """Print snapshot counts, ages and replication lag per VM and target in Prometheus text format
     (with --json: the same samples as one JSON document)."""
+    from .status_cmd import vm_reports
+
     now = time.time_ns()
-    samples: list[tuple[str, dict[str, str], float]] = []  # family, labels, value
     with env.catalog() as catalog:
-        for uuid, name in catalog.vms():
-            snapshots = catalog.snapshots(uuid)
-            vm = {"vm": name, "vm_uuid": uuid}
-            samples.append(("vmrepl_snapshots", vm, len(snapshots)))
-            if snapshots:
-                age = round((now - snapshots[-1].created_ns) / 1e9, 1)
-                samples.append(("vmrepl_newest_snapshot_age_seconds", vm, age))
-            for target in catalog.targets(uuid):
-                labels = {**vm, "target": target.host}
-                anchor = catalog.find_snapshot(target.anchor) if target.anchor else None
-                if anchor:
-                    samples.append(("vmrepl_target_lag_seconds", labels, round((now - anchor.created_ns) / 1e9, 1)))
-                samples.append(("vmrepl_target_last_run_ok", labels, int(target.last_result == "ok")))
+        reports = vm_reports(catalog, now)
+    samples: list[tuple[str, dict[str, str], float]] = []  # family, labels, value
+    for vm in reports:
+        labels = {"vm": vm["vm"], "vm_uuid": vm["vm_uuid"]}
+        samples.append(("vmrepl_snapshots", labels, vm["snapshots"]))
+        if vm["newest_created_ns"] is not None:
+            samples.append(("vmrepl_newest_snapshot_age_seconds", labels,
+                            round((now - vm["newest_created_ns"]) / 1e9, 1)))
+        for target in vm["targets"]:
+            target_labels = {**labels, "target": target["host"]}
+            if target["lag_seconds"] is not None:
+                samples.append(("vmrepl_target_lag_seconds", target_labels, target["lag_seconds"]))
+            samples.append(("vmrepl_target_last_run_ok", target_labels, int(target["last_result"] == "ok")))
     lines = []
     for family, help_text in FAMILIES.items():
         lines += [f"# HELP {family} {help_text}", f"# TYPE {family} gauge"]

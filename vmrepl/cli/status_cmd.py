@@ -12,6 +12,7 @@ from ..units import human_bytes, human_duration, local_time
 from .common import Env, format_table, global_options, pass_env
 
 if TYPE_CHECKING:
+    from ..catalog import Catalog
     from ..sink.store import Store
 
 
@@ -23,33 +24,10 @@ def status(env: Env) -> None:
     each partial incoming transfer held here (`vmrepl prune VM --drop-partial` discards one)."""
     from ..sink.store import Store
 
-    now = time.time_ns()
-    vms = []
     with env.catalog() as catalog:
         store = Store(env.state_dir, catalog)
-        for uuid, name in catalog.vms():
-            snapshots = catalog.snapshots(uuid)
-            newest = snapshots[-1] if snapshots else None
-            by_id = {s.id: s for s in snapshots}
-            targets = []
-            for target in catalog.targets(uuid):
-                anchor = by_id.get(target.anchor) if target.anchor else None
-                targets.append({
-                    "host": target.host,
-                    "anchor": target.anchor,
-                    "lag_seconds": round((now - anchor.created_ns) / 1e9, 1) if anchor else None,
-                    "last_result": target.last_result,
-                    "last_run_ns": target.last_run_ns,
-                })
-            vms.append({
-                "vm": name,
-                "vm_uuid": uuid,
-                "snapshots": len(snapshots),
-                "newest": newest.id if newest else None,
-                "newest_created_ns": newest.created_ns if newest else None,
-                "targets": targets,
-                "partial": [p.as_json() for p in store.partial_transfers(uuid)],
-            })
+        vms = [{**vm, "partial": [p.as_json() for p in store.partial_transfers(vm["vm_uuid"])]}
+               for vm in vm_reports(catalog, time.time_ns())]
         vms += _uncatalogued(store, {vm["vm_uuid"] for vm in vms})
 
     def text() -> str:
@@ -58,13 +36,42 @@ def status(env: Env) -> None:
         rows = []
         for vm in vms:
             for t in vm["targets"] or [{"host": "-", "anchor": None, "lag_seconds": None, "last_result": ""}]:
+                lag = "-" if t["lag_seconds"] is None else human_duration(t["lag_seconds"])
                 rows.append([vm["vm"], vm["snapshots"], (vm["newest"] or "-")[:8], t["host"],
-                             (t["anchor"] or "-")[:8], "-" if t["lag_seconds"] is None else human_duration(t["lag_seconds"]),
-                             t["last_result"] or "-"])
+                             (t["anchor"] or "-")[:8], lag, t["last_result"] or "-"])
         table = format_table(["VM", "SNAPSHOTS", "NEWEST", "TARGET", "ANCHOR", "LAG", "LAST"], rows)
         return "\n".join([table, *_partial_lines(vms)])
 
     env.emit({"vms": vms}, text)
+
+
+def vm_reports(catalog: Catalog, now_ns: int) -> list[dict]:
+    """Per catalogued VM: its snapshot count, its newest snapshot and, per target, the anchor, the lag
+    (the anchor's age) and the last result. `status --json` prints these; `metrics` exports them."""
+    vms = []
+    for uuid, name in catalog.vms():
+        snapshots = catalog.snapshots(uuid)
+        newest = snapshots[-1] if snapshots else None
+        targets = []
+        for target in catalog.targets(uuid):
+            # by id, not among the VM's own: a clone's first anchor is its origin's snapshot
+            anchor = catalog.find_snapshot(target.anchor) if target.anchor else None
+            targets.append({
+                "host": target.host,
+                "anchor": target.anchor,
+                "lag_seconds": round((now_ns - anchor.created_ns) / 1e9, 1) if anchor else None,
+                "last_result": target.last_result,
+                "last_run_ns": target.last_run_ns,
+            })
+        vms.append({
+            "vm": name,
+            "vm_uuid": uuid,
+            "snapshots": len(snapshots),
+            "newest": newest.id if newest else None,
+            "newest_created_ns": newest.created_ns if newest else None,
+            "targets": targets,
+        })
+    return vms
 
 
 def _uncatalogued(store: Store, catalogued: set[str]) -> list[dict]:
